@@ -1,0 +1,16 @@
+"""rwkv-jax: RWKV language models (versions 4-7) as functional Flax modules.
+
+    import rwkv_jax as rj
+    cfg = rj.RWKVConfig(version=7, n_layer=2, n_embd=128, vocab_size=256)
+    model = rj.RWKV(cfg)
+    params = model.init(key, tokens)["params"]
+    logits, state = model.apply({"params": params}, tokens)
+"""
+
+from rwkv_jax.config import RWKVConfig
+from rwkv_jax.io.official import load_pth, save_pth
+from rwkv_jax.model import RWKV
+from rwkv_jax.state import init_state, state_from_official, state_to_official
+
+__all__ = ["RWKVConfig", "RWKV", "init_state", "load_pth", "save_pth", "state_from_official", "state_to_official"]
+__version__ = "0.1.0"

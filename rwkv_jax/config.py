@@ -1,0 +1,147 @@
+"""`RWKVConfig`: one frozen dataclass describing any RWKV model, with per-version defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+
+SUPPORTED_VERSIONS = (4, 5, 6, 7)
+WKV_CHOICES = ("auto", "oracle", "parallel", "pallas")
+# The only WKV implementations that exist and are tested today, per version. "auto" picks the
+# first entry; asking for anything not listed fails instead of silently falling back.
+TESTED_WKV = {4: ("parallel", "oracle"), 5: ("parallel", "oracle"), 6: ("parallel", "oracle"),
+              7: ("parallel", "oracle")}
+DEFAULT_CHUNK_SIZE = {5: 16, 6: 16, 7: 32}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _lora_dim(scale: float, n_embd: int, power: float) -> int:
+    """The official RWKV-7 LoRA width rule: max(32, round(scale * C**power / 32) * 32)."""
+    return max(32, int(round(scale * n_embd**power / 32)) * 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RWKVConfig:
+    """Sizes and numerics of an RWKV model.
+
+    Only `version`, `n_layer`, `n_embd` and `vocab_size` are required; every other size gets the
+    default the official training code uses for that version (`None` means "use the default";
+    the resolved value is stored, so `cfg.dim_ffn` is always an int after construction).
+
+    Attributes:
+      version: 4, 5 (5.2 "Eagle"), 6 ("Finch") or 7 ("Goose").
+      n_layer, n_embd (C), vocab_size (V): model sizes.
+      head_size: N, channels per head of the matrix-state versions (v5-v7); H = dim_att // N.
+      dim_att: A, width of the time-mix projections (v4-v6; v7 requires A = C). Default C.
+      dim_ffn: F, hidden width of the channel mix. Default 4C (v4, v7) or int(3.5C)//32*32 (v5, v6).
+      d_mix, d_decay: v6 LoRA widths of the data-dependent token shift (32) and decay (64).
+      d_w, d_a, d_v, d_g: v7 LoRA widths (decay, in-context rate, value residual, gate),
+        defaults from the official formulas in C.
+      wkv: recurrence implementation: "oracle" (token-by-token scan), "parallel" (associative
+        scan / chunked), "pallas" (kernels) or "auto" (the best implementation that is tested
+        for this version; fails closed).
+      chunk_size: chunk length of the chunked parallel form (v5-v7).
+      dtype: compute dtype of activations and matmuls ("float32" or "bfloat16"); the WKV
+        recurrence and its state are always float32.
+      param_dtype: dtype of freshly initialised parameters.
+    """
+
+    version: int
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    head_size: int = 64
+    dim_att: int | None = None
+    dim_ffn: int | None = None
+    d_mix: int | None = None
+    d_decay: int | None = None
+    d_w: int | None = None
+    d_a: int | None = None
+    d_v: int | None = None
+    d_g: int | None = None
+    wkv: str = "auto"
+    chunk_size: int | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.version not in SUPPORTED_VERSIONS:
+            raise ValueError(f"RWKVConfig: version must be one of {SUPPORTED_VERSIONS}, got {self.version!r}")
+        for name in ("n_layer", "n_embd", "vocab_size", "head_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"RWKVConfig: {name} must be a positive int, got {value!r}")
+        if self.wkv not in WKV_CHOICES:
+            raise ValueError(f"RWKVConfig: wkv must be one of {WKV_CHOICES}, got {self.wkv!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"RWKVConfig: {name} must be one of {tuple(DTYPES)}, got {getattr(self, name)!r}")
+
+        C, v = self.n_embd, self.version
+        defaults: dict[str, Any] = {
+            "dim_att": C,
+            "dim_ffn": 4 * C if v in (4, 7) else int(3.5 * C) // 32 * 32,
+        }
+        if v == 6:
+            defaults.update(d_mix=32, d_decay=64)
+        if v == 7:
+            defaults.update(d_w=_lora_dim(1.8, C, 0.5), d_a=_lora_dim(1.8, C, 0.5),
+                            d_v=_lora_dim(1.3, C, 0.5), d_g=_lora_dim(0.6, C, 0.8))
+        if v in DEFAULT_CHUNK_SIZE:
+            defaults["chunk_size"] = DEFAULT_CHUNK_SIZE[v]
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+        if v >= 5 and self.dim_att % self.head_size:
+            raise ValueError(f"RWKVConfig: dim_att={self.dim_att} is not a multiple of head_size={self.head_size}")
+        if v == 7 and self.dim_att != C:
+            raise ValueError(f"RWKVConfig: RWKV-7 requires dim_att == n_embd, got {self.dim_att} != {C}")
+        if self.chunk_size is not None and self.chunk_size <= 0:
+            raise ValueError(f"RWKVConfig: chunk_size must be positive, got {self.chunk_size}")
+        self.wkv_impl  # validates the wkv choice for this version
+
+    @property
+    def n_head(self) -> int:
+        """H: number of heads (v5-v7); for v4 every channel is its own 'head'."""
+        return self.dim_att // self.head_size if self.version >= 5 else self.dim_att
+
+    @property
+    def wkv_impl(self) -> str:
+        """The concrete WKV implementation `wkv` resolves to; raises if it is not available."""
+        tested = TESTED_WKV[self.version]
+        if self.wkv == "auto":
+            return tested[0]
+        if self.wkv not in tested:
+            raise ValueError(f"RWKVConfig: wkv={self.wkv!r} is not available for RWKV-{self.version} "
+                             f"(available: {tested})")
+        return self.wkv
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes: Any) -> RWKVConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RWKVConfig:
+        return cls(**json.loads(text))
+
+
+def layer_ratios(layer: Any, n_layer: int) -> tuple[Any, Any]:
+    """The official init's depth ratios: (l / (L-1), 1 - l / L). `layer` may be traced."""
+    ratio_0_to_1 = layer / max(n_layer - 1, 1)
+    ratio_1_to_almost0 = 1.0 - layer / n_layer
+    return ratio_0_to_1, ratio_1_to_almost0
+

@@ -1,0 +1,45 @@
+"""The WKV recurrences as pure functions of arrays, one module per state family.
+
+- `vector`: RWKV-4 (vector state, log space).
+- `diag`: RWKV-5/6 (matrix state, diagonal decay, bonus u).
+- `dplr`: RWKV-7 (matrix state, diagonal plus rank-1 transition).
+
+Each family has the same three forms: `*_oracle` (token-by-token `lax.scan`, the reference),
+`*_parallel` (associative scan, training) and `*_step` (one token, decoding). `run_wkv` picks
+the form for a call; every form takes its per-token arrays first and the rest after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class WKVForms:
+    """The three forms of one recurrence family."""
+
+    oracle: Callable[..., tuple[Array, Any]]
+    parallel: Callable[..., tuple[Array, Any]]
+    step: Callable[..., tuple[Array, Any]]
+
+
+def run_wkv(forms: WKVForms, impl: str, per_token: tuple[Array, ...], rest: tuple[Any, ...],
+            **parallel_options: Any) -> tuple[Array, Any]:
+    """Run a recurrence over `per_token` arrays `[B, T, ...]`.
+
+    A single token always takes the decoding `step` (that is what `RWKV.step` exercises); longer
+    inputs take `impl` ("oracle" or "parallel").
+    """
+    if per_token[0].shape[1] == 1:
+        y, state = forms.step(*(x[:, 0] for x in per_token), *rest)
+        return y[:, None], state
+    if impl == "oracle":
+        return forms.oracle(*per_token, *rest)
+    if impl == "parallel":
+        return forms.parallel(*per_token, *rest, **parallel_options)
+    raise ValueError(f"unknown WKV implementation {impl!r}")

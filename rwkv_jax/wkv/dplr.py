@@ -1,0 +1,255 @@
+"""RWKV-7 WKV: the "generalised delta rule", a diagonal-plus-rank-1 (DPLR) state transition.
+
+Per batch element and head the state ``S`` is an ``N x N`` fp32 matrix laid out ``[value i, key j]``
+and each token applies
+
+    S_t = S_{t-1} (diag(exp(logw_t)) + a_t b_t^T) + v_t k_t^T
+    y_t = S_t r_t                                   (the *updated* state; no bonus term here)
+
+i.e. per element ``sa_i = sum_j S[i, j] a_t[j]``,
+``S[i, j] <- S[i, j] w_t[j] + sa_i b_t[j] + v_t[i] k_t[j]``, ``y_t[i] = sum_j S[i, j] r_t[j]``.
+In RWKV-7 ``a = -kappa_hat``, ``b = kappa_hat * alpha`` (unit ``kappa_hat`` per head,
+``alpha`` in (0, 1)) and ``logw = -exp(-0.5) * sigmoid(z)`` in ``(-0.6066, 0)``.
+
+Three entry points share the argument layout ``[B, T, H, N]`` (state ``[B, H, N, N]``):
+
+* ``wkv7_step``: one token; the decode path and the body of the oracle.
+* ``wkv7_oracle``: ``lax.scan`` of ``wkv7_step`` over tokens; the reference the others are tested
+  against.
+* ``wkv7_parallel``: the chunked training form (two passes around an associative scan over chunks).
+
+Inputs may be bf16 or fp32; everything is computed in fp32 and y and the state are returned in fp32.
+All contractions request ``Precision.HIGHEST`` so that accelerators whose default fp32 matmul
+rounds through TF32/bf16 still compute the recurrence in fp32.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+# RWKV-7 builds logw = -exp(-0.5) * sigmoid(z), so every decay satisfies logw >= -exp(-0.5).
+RWKV7_MIN_LOG_DECAY = -0.6065306597126334
+
+
+def _einsum(subscripts: str, *operands: jax.Array) -> jax.Array:
+    return jnp.einsum(subscripts, *operands, precision=_HIGHEST)
+
+
+def wkv7_step(
+    r: jax.Array,
+    logw: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    state: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Advance the RWKV-7 state by one token.
+
+    Args:
+      r, logw, k, v, a, b: ``[B, H, N]`` receptance, log-decay (``w = exp(logw)``), key, value and
+        the rank-1 transition vectors ``a`` (read from the state) and ``b`` (written back).
+      state: ``[B, H, N, N]`` laid out ``[value, key]``.
+
+    Returns:
+      ``(y, new_state)``: y ``[B, H, N]`` fp32 read from the updated state, new_state
+      ``[B, H, N, N]`` fp32.
+    """
+    r, logw, k, v, a, b, state = (x.astype(jnp.float32) for x in (r, logw, k, v, a, b, state))
+    state_times_a = _einsum("bhij,bhj->bhi", state, a)
+    new_state = (
+        state * jnp.exp(logw)[..., None, :]
+        + state_times_a[..., :, None] * b[..., None, :]
+        + v[..., :, None] * k[..., None, :]
+    )
+    y = _einsum("bhij,bhj->bhi", new_state, r)
+    return y, new_state
+
+
+def wkv7_oracle(
+    r: jax.Array,
+    logw: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    state: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Token-by-token RWKV-7 recurrence (``lax.scan`` over ``wkv7_step``); the reference.
+
+    Accepts any real ``logw`` (no decay bound is assumed).
+
+    Args:
+      r, logw, k, v, a, b: ``[B, T, H, N]``.
+      state: ``[B, H, N, N]`` initial state, ``[value, key]``.
+
+    Returns:
+      ``(y, final_state)``: y ``[B, T, H, N]`` fp32, final_state ``[B, H, N, N]`` fp32.
+    """
+
+    def scan_body(carried_state, token_inputs):
+        y_t, next_state = wkv7_step(*token_inputs, carried_state)
+        return next_state, y_t
+
+    time_major_inputs = tuple(jnp.swapaxes(x, 0, 1) for x in (r, logw, k, v, a, b))
+    final_state, y_time_major = jax.lax.scan(
+        scan_body, state.astype(jnp.float32), time_major_inputs
+    )
+    return jnp.swapaxes(y_time_major, 0, 1), final_state
+
+
+def _to_chunks(x: jax.Array, num_chunks: int, chunk_size: int) -> jax.Array:
+    """``[B, T_padded, H, N]`` -> ``[B, H, num_chunks, chunk_size, N]``."""
+    batch, _, heads, dim = x.shape
+    x = x.reshape(batch, num_chunks, chunk_size, heads, dim)
+    return x.transpose(0, 3, 1, 2, 4)
+
+
+def _compose_chunk_maps(earlier, later):
+    """Compose affine state maps ``S -> S P + U``: apply ``earlier`` first, then ``later``."""
+    earlier_p, earlier_u = earlier
+    later_p, later_u = later
+    return (
+        jnp.matmul(earlier_p, later_p, precision=_HIGHEST),
+        jnp.matmul(earlier_u, later_p, precision=_HIGHEST) + later_u,
+    )
+
+
+def wkv7_parallel(
+    r: jax.Array,
+    logw: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    state: jax.Array,
+    chunk_size: int = 32,
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked (training) form of the RWKV-7 recurrence; same results as ``wkv7_oracle``.
+
+    Memory is O(T·H·N + (T/L)·H·N²) plus O(T·L·H) for the in-chunk L×L matrices; the per-token
+    N×N states are never materialised. Plain autodiff gives the gradients (including into
+    ``state``).
+
+    Algorithm, per head and chunk of length L (local t = 0…L-1, start state S0):
+      λ_t = Σ_{j≤t} logw_j (λ_{-1} = 0), d_{t,i} = exp(λ_t - λ_i), sa_t = S_{t-1} a_t.
+      Unrolling the recurrence inside the chunk,
+        S_t = S0 diag(e^{λ_t}) + Σ_{i≤t} (sa_i b_iᵀ + v_i k_iᵀ) diag(d_{t,i}),
+      so with SA the L×N matrix of rows sa_t:
+        (I - B̃) SA = Xa S0ᵀ + K̃ V,  B̃[t,i] = Σ_c a_t[c] d_{t-1,i}[c] b_i[c],
+        K̃[t,i] = Σ_c a_t[c] d_{t-1,i}[c] k_i[c] (i < t), Xa[t] = e^{λ_{t-1}} ⊙ a_t.
+      A unit-lower-triangular solve gives Za = (I-B̃)⁻¹ Xa and Zv = (I-B̃)⁻¹ K̃ V, so
+      SA = Za S0ᵀ + Zv, and the chunk is the affine map S_end = S0 P + U with
+        P = diag(e^{λ_{L-1}}) + Zaᵀ Bd,   U = Zvᵀ Bd + Vᵀ Kd,
+        Bd[i] = d_{L-1,i} ⊙ b_i,  Kd[i] = d_{L-1,i} ⊙ k_i.
+      Pass 1 builds (P, U) for every chunk, an associative scan over chunks composes them into
+      each chunk's start state, and pass 2 reads the outputs
+        Y = Xr S0ᵀ + Rb SA + Rk V,  Xr[t] = e^{λ_t} ⊙ r_t,
+        Rb[t,i] = Σ_c r_t[c] d_{t,i}[c] b_i[c],  Rk[t,i] = Σ_c r_t[c] d_{t,i}[c] k_i[c] (i ≤ t).
+
+    Numerics and the decay precondition: the pairwise decays are factorised as
+    d_{t,i} = exp(λ_t - c) · exp(c - λ_i) with c the chunk's mid-point cumulative log-decay, which
+    turns B̃, K̃, Rb, Rk into matmuls. The factors reach exp(±max|logw|·L/2) and the masked
+    (i > t) products exp(max|logw|·L), so fp32 needs max|logw|·L ≲ 80. RWKV-7 guarantees
+    logw ≥ -0.6066 (see ``RWKV7_MIN_LOG_DECAY``), i.e. exponents ≤ 9.7 at L = 32 and ≤ 19.4 at
+    L = 64. The bound is stated, not enforced: clamping would silently change the recurrence and
+    zero its gradient, and checking values is impossible at trace time. Callers with stronger
+    decays must use a smaller chunk_size or ``wkv7_oracle``.
+
+    Args:
+      r, logw, k, v, a, b: ``[B, T, H, N]``; logw ≥ -0.6066 (see above).
+      state: ``[B, H, N, N]`` initial state, ``[value, key]``.
+      chunk_size: L; capped at T. 32 or 64 are good choices.
+
+    Returns:
+      ``(y, final_state)``: y ``[B, T, H, N]`` fp32, final_state ``[B, H, N, N]`` fp32 (after the
+      last real token).
+    """
+    batch, seq_len, heads, dim = r.shape
+    chunk_size = min(chunk_size, seq_len)
+    num_chunks = -(-seq_len // chunk_size)
+    padded_len = num_chunks * chunk_size
+
+    # Identity tokens (r = k = v = a = b = 0, logw = 0) leave the state unchanged, so padding at
+    # the end neither alters the real outputs nor the final state.
+    def prepare(x):
+        x = x.astype(jnp.float32)
+        x = jnp.pad(x, ((0, 0), (0, padded_len - seq_len), (0, 0), (0, 0)))
+        return _to_chunks(x, num_chunks, chunk_size)
+
+    # All [B, H, nC, L, N].
+    r, logw, k, v, a, b = (prepare(x) for x in (r, logw, k, v, a, b))
+    state = state.astype(jnp.float32)
+
+    # Cumulative log-decays: inclusive λ_t and exclusive λ_{t-1} (λ_{-1} = 0), by shifting rather
+    # than subtracting so that λ_{t-1} carries no extra rounding.
+    log_decay_incl = jnp.cumsum(logw, axis=-2)
+    log_decay_excl = jnp.pad(log_decay_incl[..., :-1, :], ((0, 0),) * 3 + ((1, 0), (0, 0)))
+    # c = λ_{L/2-1} puts λ_{-1} and λ_{L-1} at most L/2 steps away, bounding every exponent below.
+    centre = log_decay_excl[..., chunk_size // 2 : chunk_size // 2 + 1, :]
+    log_decay_last = log_decay_incl[..., -1:, :]
+
+    # Centred factors of d_{t,i}: the "query" side carries exp(λ_t - c), the "key" side exp(c - λ_i).
+    a_decayed_centred = a * jnp.exp(log_decay_excl - centre)
+    r_decayed_centred = r * jnp.exp(log_decay_incl - centre)
+    undecay_centred = jnp.exp(centre - log_decay_incl)
+    b_undecayed_centred = b * undecay_centred
+    k_undecayed_centred = k * undecay_centred
+
+    strictly_lower = jnp.tril(jnp.ones((chunk_size, chunk_size), dtype=bool), k=-1)
+    lower = jnp.tril(jnp.ones((chunk_size, chunk_size), dtype=bool))
+
+    def pairwise(queries, keys, mask):
+        # [.., L, N] x [.., L, N] -> [.., L, L]; masked entries may be huge but are finite.
+        return jnp.where(mask, _einsum("...tc,...ic->...ti", queries, keys), 0.0)
+
+    b_tilde = pairwise(a_decayed_centred, b_undecayed_centred, strictly_lower)
+    k_tilde = pairwise(a_decayed_centred, k_undecayed_centred, strictly_lower)
+    r_b = pairwise(r_decayed_centred, b_undecayed_centred, lower)
+    r_k = pairwise(r_decayed_centred, k_undecayed_centred, lower)
+
+    # Pass 1, all chunks at once: one unit-lower-triangular solve with both right-hand sides.
+    a_from_start = a * jnp.exp(log_decay_excl)  # Xa: reads the chunk's start state
+    k_tilde_v = _einsum("...ti,...in->...tn", k_tilde, v)
+    unit_lower = jnp.eye(chunk_size, dtype=jnp.float32) - b_tilde
+    solved = jax.lax.linalg.triangular_solve(
+        unit_lower,
+        jnp.concatenate([a_from_start, k_tilde_v], axis=-1),
+        left_side=True,
+        lower=True,
+        unit_diagonal=True,
+    )
+    sa_from_start, sa_from_chunk = solved[..., :dim], solved[..., dim:]  # Za, Zv
+
+    decay_to_end = jnp.exp(log_decay_last - log_decay_incl)
+    b_to_end = b * decay_to_end
+    k_to_end = k * decay_to_end
+    chunk_p = jnp.exp(log_decay_last[..., 0, :])[..., :, None] * jnp.eye(dim, dtype=jnp.float32) + _einsum(
+        "...tc,...tj->...cj", sa_from_start, b_to_end
+    )  # [B, H, nC, N(key), N(key)]
+    chunk_u = _einsum("...ti,...tj->...ij", sa_from_chunk, b_to_end) + _einsum(
+        "...ti,...tj->...ij", v, k_to_end
+    )  # [B, H, nC, N(value), N(key)]
+
+    # Prepend the constant map S -> state (P = 0, U = state): the inclusive scan then yields the
+    # state at every chunk boundary, from the initial state (index 0) to the final one (index nC).
+    boundary_p = jnp.concatenate([jnp.zeros_like(chunk_p[:, :, :1]), chunk_p], axis=2)
+    boundary_u = jnp.concatenate([state[:, :, None], chunk_u], axis=2)
+    _, boundary_states = jax.lax.associative_scan(
+        _compose_chunk_maps, (boundary_p, boundary_u), axis=2
+    )
+    start_states = boundary_states[:, :, :-1]  # [B, H, nC, N, N]
+    final_state = boundary_states[:, :, -1]
+
+    # Pass 2, all chunks at once.
+    r_from_start = r * jnp.exp(log_decay_incl)  # Xr
+    sa = _einsum("...tc,...ic->...ti", sa_from_start, start_states) + sa_from_chunk
+    y = (
+        _einsum("...tc,...ic->...ti", r_from_start, start_states)
+        + _einsum("...ti,...in->...tn", r_b, sa)
+        + _einsum("...ti,...in->...tn", r_k, v)
+    )  # [B, H, nC, L, N]
+
+    y = y.transpose(0, 2, 3, 1, 4).reshape(batch, padded_len, heads, dim)
+    return y[:, :seq_len], final_state

@@ -1,0 +1,40 @@
+"""Shared test utilities: random (non-degenerate) parameters and error metrics."""
+
+from __future__ import annotations
+
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import rwkv_jax as rj
+
+
+def rel_err(actual, expected) -> float:
+    """max |actual - expected| / max |expected| (the metric every tolerance below uses)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def tree_rel_err(actual, expected) -> dict[str, float]:
+    flat_a = traverse_util.flatten_dict(actual, sep="/")
+    flat_e = traverse_util.flatten_dict(expected, sep="/")
+    return {k: rel_err(flat_a[k], flat_e[k]) for k in flat_e}
+
+
+def random_params(cfg: rj.RWKVConfig, seed: int = 0):
+    """Official init plus noise, so no path is switched off by a zero-initialised matrix."""
+    model = rj.RWKV(cfg)
+    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
+    flat = traverse_util.flatten_dict(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(flat))
+    noisy = {}
+    for key, (path, value) in zip(keys, sorted(flat.items())):
+        noise = jax.random.normal(key, value.shape, jnp.float32)
+        scale = 1.0 / np.sqrt(value.shape[-2]) if path[-1] in ("kernel", "embedding") else 0.1
+        noisy[path] = (value.astype(jnp.float32) + scale * noise).astype(value.dtype)
+    return traverse_util.unflatten_dict(noisy)
+
+
+def random_tokens(cfg: rj.RWKVConfig, batch: int, length: int, seed: int = 0) -> jnp.ndarray:
+    return jnp.asarray(np.random.RandomState(seed).randint(0, cfg.vocab_size, (batch, length)), jnp.int32)
