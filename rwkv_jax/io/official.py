@@ -31,6 +31,27 @@ Params = dict[str, Any]
 LEAF_TO_OFFICIAL = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 OPTIONAL_LAYER0_KEYS = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+# Parameter order inside a block, as the official modules register them. The `rwkv` package
+# detects the version and head count from the order it meets keys in (a v6 file whose
+# `time_faaaa` precedes any `time_maa_*` key is run with the wrong head count), so save_pth
+# writes keys in exactly this order.
+_BLOCK_ORDER = {
+    4: ("ln0", "ln1", "ln2", "att.time_decay", "att.time_first", "att.time_mix_k", "att.time_mix_v",
+        "att.time_mix_r", "att.key", "att.value", "att.receptance", "att.output",
+        "ffn.time_mix_k", "ffn.time_mix_r", "ffn.key", "ffn.receptance", "ffn.value"),
+    5: ("ln0", "ln1", "ln2", "att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "att.time_mix_g",
+        "att.time_decay", "att.time_faaaa", "att.receptance", "att.key", "att.value", "att.output",
+        "att.gate", "att.ln_x", "ffn.time_mix_k", "ffn.time_mix_r", "ffn.key", "ffn.receptance", "ffn.value"),
+    6: ("ln0", "ln1", "ln2", "att.time_maa_x", "att.time_maa_w", "att.time_maa_k", "att.time_maa_v",
+        "att.time_maa_r", "att.time_maa_g", "att.time_maa_w1", "att.time_maa_w2", "att.time_decay",
+        "att.time_decay_w1", "att.time_decay_w2", "att.time_faaaa", "att.receptance", "att.key",
+        "att.value", "att.output", "att.gate", "att.ln_x", "ffn.time_maa_k", "ffn.time_maa_r",
+        "ffn.key", "ffn.receptance", "ffn.value"),
+    7: ("ln0", "ln1", "ln2", "att.x_r", "att.x_w", "att.x_k", "att.x_v", "att.x_a", "att.x_g",
+        "att.w0", "att.w1", "att.w2", "att.a0", "att.a1", "att.a2", "att.v0", "att.v1", "att.v2",
+        "att.g1", "att.g2", "att.k_k", "att.k_a", "att.r_k", "att.receptance", "att.key", "att.value",
+        "att.output", "att.ln_x", "ffn.x_k", "ffn.key", "ffn.value"),
+}
 
 
 class CheckpointError(ValueError):
@@ -59,6 +80,20 @@ def params_to_official(cfg: RWKVConfig, params: Params) -> dict[str, np.ndarray]
         else:
             official[_official_name(path)] = _to_official(path, value)
     return official
+
+
+def official_order(cfg: RWKVConfig, keys: Any) -> list[str]:
+    """`keys` sorted as an official checkpoint lists them (emb, blocks by layer, ln_out, head)."""
+    block_order = _BLOCK_ORDER[cfg.version]
+
+    def rank(key: str) -> tuple:
+        match = _BLOCK_KEY.match(key)
+        if not match:
+            return ({"emb.weight": 0, "ln_out.weight": 2, "ln_out.bias": 2, "head.weight": 3}[key], 0, 0, key)
+        name = key[match.end():].rsplit(".", 1)[0] if key.endswith((".weight", ".bias")) else key[match.end():]
+        return (1, int(match.group(1)), block_order.index(name), key)
+
+    return sorted(keys, key=rank)
 
 
 def abstract_params(cfg: RWKVConfig) -> Params:
@@ -215,7 +250,7 @@ def save_pth(path: str | os.PathLike, cfg: RWKVConfig, params: Params) -> None:
     if mismatched or set(official) != set(expected):
         raise CheckpointError(f"parameters do not match the RWKV-{cfg.version} config: "
                               f"{sorted(mismatched) or sorted(set(official) ^ set(expected))}")
-    write_pth(path, official)
+    write_pth(path, {key: official[key] for key in official_order(cfg, official)})
 
 
 __all__ = ["CheckpointError", "PthError", "infer_config", "load_pth", "params_from_official",
