@@ -143,15 +143,6 @@ def test_oracle_matches_float64_reference(shape):
     assert relative_error(final_state, state_ref) <= 1e-5
 
 
-def test_oracle_matches_float64_reference_hard_inputs():
-    for options in ({"decay": "strongest"}, {"parallel_keys": True}):
-        inputs = make_inputs(1, 1, 64, 1, 32, **options)
-        y_ref, state_ref = numpy_reference(*inputs)
-        y, final_state = oracle(*inputs)
-        assert relative_error(y, y_ref) <= 1e-5, options
-        assert relative_error(final_state, state_ref) <= 1e-5, options
-
-
 def test_step_repeated_equals_oracle():
     r, logw, k, v, a, b, state = make_inputs(2, 2, 9, 2, 16)
     y_oracle, state_oracle = oracle(r, logw, k, v, a, b, state)
@@ -200,12 +191,16 @@ def test_parallel_matches_oracle(shape, chunk_size, state_scale):
     ],
     ids=["strongest_decay", "parallel_keys", "parallel_keys_strongest", "parallel_keys_weakest"],
 )
-def test_parallel_hard_cases(options, chunk_size):
+def test_hard_cases_match_float64_reference(options, chunk_size):
+    # Both fp32 implementations against float64: with nothing decaying, the oracle's own
+    # sequential rounding grows with T (≈1.5e-6 on CPU, ≈7e-6 on an H200 at T = 160), so the
+    # chunked form is held to the truth rather than to the oracle.
     inputs = make_inputs(4, 1, 160, 2, 64, **options)
-    y_oracle, state_oracle = oracle(*inputs)
-    y, final_state = parallel(*inputs, chunk_size=chunk_size)
-    assert relative_error(y, y_oracle) <= 1e-5
-    assert relative_error(final_state, state_oracle) <= 1e-5
+    y_ref, state_ref = numpy_reference(*inputs)
+    for fn in (oracle, functools.partial(parallel, chunk_size=chunk_size)):
+        y, final_state = fn(*inputs)
+        assert relative_error(y, y_ref) <= 1e-5
+        assert relative_error(final_state, state_ref) <= 1e-5
 
 
 def test_parallel_long_sequence():
@@ -215,6 +210,14 @@ def test_parallel_long_sequence():
     assert np.all(np.isfinite(y)) and np.all(np.isfinite(final_state))
     assert relative_error(y, y_oracle) <= 1e-5
     assert relative_error(final_state, state_oracle) <= 1e-5
+
+
+def test_empty_sequence_returns_initial_state():
+    inputs = make_inputs(9, 1, 0, 2, 8)
+    for fn in (oracle, parallel):
+        y, final_state = fn(*inputs)
+        assert y.shape == (1, 0, 2, 8)
+        np.testing.assert_array_equal(final_state, inputs[-1])
 
 
 def test_split_sequence_with_carried_state_equals_one_call():

@@ -106,6 +106,53 @@ def _to_chunks(x: jax.Array, num_chunks: int, chunk_size: int) -> jax.Array:
     return x.transpose(0, 3, 1, 2, 4)
 
 
+def _forward_substitution(strictly_lower: jax.Array, rhs: jax.Array) -> jax.Array:
+    """Solve ``(I - strictly_lower) x = rhs`` row by row (x_t = rhs_t + Σ_{i<t} A[t,i] x_i).
+
+    strictly_lower: ``[..., L, L]`` (entries on or above the diagonal must be zero);
+    rhs: ``[..., L, M]``. Returns x ``[..., L, M]``.
+    """
+
+    def solve_row(t, solution):
+        # Rows >= t of `solution` are still zero, so the full-length product sums over i < t only.
+        row = rhs[..., t, :] + _einsum("...i,...im->...m", strictly_lower[..., t, :], solution)
+        return solution.at[..., t, :].set(row)
+
+    return jax.lax.fori_loop(0, rhs.shape[-2], solve_row, jnp.zeros_like(rhs))
+
+
+def _solve_unit_lower(strictly_lower: jax.Array, rhs: jax.Array) -> jax.Array:
+    """``(I - strictly_lower)^{-1} rhs`` by forward substitution, differentiable in both arguments.
+
+    Forward substitution is the backward-stable way to apply a unit-lower-triangular inverse (no
+    power series, no explicit inverse). It is written in jnp rather than calling
+    ``jax.lax.linalg.triangular_solve`` because jaxlib 0.10's CPU LAPACK kernels split a batch over
+    XLA's intra-op thread pool and block waiting for it: the backward pass of that solve issues two
+    independent solves, XLA runs them concurrently, and on a 2-core machine both pool threads wait
+    forever (seen here at B·H·T/L ≥ 128; jaxlib ≥ 0.11.1 no longer has that path). The price is on
+    accelerators: on an H200 the LAPACK/cuBLAS solve made the whole forward+backward ~2.5x faster at
+    B=1, H=2, T=4096 but only ~1.2x at B=8, H=12, T=4096.
+    ``custom_linear_solve`` keeps the gradient cheap: the backward pass is one transposed
+    substitution (``transpose_solve``) instead of differentiating through the loop, and the
+    matrix's gradient flows through ``matvec``.
+
+    strictly_lower: ``[..., L, L]``, zero on and above the diagonal; rhs: ``[..., L, M]``.
+    """
+
+    def matvec(x):
+        return x - _einsum("...ti,...im->...tm", strictly_lower, x)
+
+    def solve(_, b):
+        return _forward_substitution(strictly_lower, b)
+
+    def transpose_solve(_, b):
+        # (I - A)ᵀ is unit upper; reversing the row order turns it into a unit-lower system.
+        reversed_transpose = jnp.flip(jnp.swapaxes(strictly_lower, -1, -2), axis=(-2, -1))
+        return jnp.flip(_forward_substitution(reversed_transpose, jnp.flip(b, axis=-2)), axis=-2)
+
+    return jax.lax.custom_linear_solve(matvec, rhs, solve, transpose_solve)
+
+
 def _compose_chunk_maps(earlier, later):
     """Compose affine state maps ``S -> S P + U``: apply ``earlier`` first, then ``later``."""
     earlier_p, earlier_u = earlier
@@ -129,8 +176,9 @@ def wkv7_parallel(
     """Chunked (training) form of the RWKV-7 recurrence; same results as ``wkv7_oracle``.
 
     Memory is O(T·H·N + (T/L)·H·N²) plus O(T·L·H) for the in-chunk L×L matrices; the per-token
-    N×N states are never materialised. Plain autodiff gives the gradients (including into
-    ``state``).
+    N×N states are never materialised. Gradients (including into ``state``) come from ordinary
+    autodiff; only the triangular solve supplies its own transpose (see ``_solve_unit_lower``), so
+    forward mode works too.
 
     Algorithm, per head and chunk of length L (local t = 0…L-1, start state S0):
       λ_t = Σ_{j≤t} logw_j (λ_{-1} = 0), d_{t,i} = exp(λ_t - λ_i), sa_t = S_{t-1} a_t.
@@ -150,12 +198,14 @@ def wkv7_parallel(
 
     Numerics and the decay precondition: the pairwise decays are factorised as
     d_{t,i} = exp(λ_t - c) · exp(c - λ_i) with c the chunk's mid-point cumulative log-decay, which
-    turns B̃, K̃, Rb, Rk into matmuls. The factors reach exp(±max|logw|·L/2) and the masked
-    (i > t) products exp(max|logw|·L), so fp32 needs max|logw|·L ≲ 80. RWKV-7 guarantees
-    logw ≥ -0.6066 (see ``RWKV7_MIN_LOG_DECAY``), i.e. exponents ≤ 9.7 at L = 32 and ≤ 19.4 at
-    L = 64. The bound is stated, not enforced: clamping would silently change the recurrence and
-    zero its gradient, and checking values is impossible at trace time. Callers with stronger
-    decays must use a smaller chunk_size or ``wkv7_oracle``.
+    turns B̃, K̃, Rb, Rk into matmuls. Each factor is at most exp(max|logw|·L/2); the kept (i ≤ t)
+    products are ≤ 1, and the discarded (i > t) ones may overflow to inf harmlessly (they are
+    selected away, and get zero cotangent). fp32 therefore needs max|logw|·L/2 well inside the exp
+    range (≈ 88): measured accurate at 40, gradients degrading (3e-5) at 80, NaN at 88. RWKV-7
+    guarantees logw ≥ -0.6066 (``RWKV7_MIN_LOG_DECAY``), i.e. max|logw|·L/2 ≤ 9.7 at L = 32 and
+    ≤ 19.4 at L = 64. The bound is documented, not enforced: clamping would silently change the
+    recurrence and zero its gradient, and values cannot be checked at trace time. Callers with
+    stronger decays must use a smaller chunk_size or ``wkv7_oracle`` (which accepts any logw).
 
     Args:
       r, logw, k, v, a, b: ``[B, T, H, N]``; logw ≥ -0.6066 (see above).
@@ -167,7 +217,7 @@ def wkv7_parallel(
       last real token).
     """
     batch, seq_len, heads, dim = r.shape
-    chunk_size = min(chunk_size, seq_len)
+    chunk_size = max(1, min(chunk_size, seq_len))
     num_chunks = -(-seq_len // chunk_size)
     padded_len = num_chunks * chunk_size
 
@@ -190,7 +240,8 @@ def wkv7_parallel(
     centre = log_decay_excl[..., chunk_size // 2 : chunk_size // 2 + 1, :]
     log_decay_last = log_decay_incl[..., -1:, :]
 
-    # Centred factors of d_{t,i}: the "query" side carries exp(λ_t - c), the "key" side exp(c - λ_i).
+    # Centred factors of d_{t,i}: the "query" side carries exp(λ_t - c), the "key" side
+    # exp(c - λ_i).
     a_decayed_centred = a * jnp.exp(log_decay_excl - centre)
     r_decayed_centred = r * jnp.exp(log_decay_incl - centre)
     undecay_centred = jnp.exp(centre - log_decay_incl)
@@ -212,20 +263,14 @@ def wkv7_parallel(
     # Pass 1, all chunks at once: one unit-lower-triangular solve with both right-hand sides.
     a_from_start = a * jnp.exp(log_decay_excl)  # Xa: reads the chunk's start state
     k_tilde_v = _einsum("...ti,...in->...tn", k_tilde, v)
-    unit_lower = jnp.eye(chunk_size, dtype=jnp.float32) - b_tilde
-    solved = jax.lax.linalg.triangular_solve(
-        unit_lower,
-        jnp.concatenate([a_from_start, k_tilde_v], axis=-1),
-        left_side=True,
-        lower=True,
-        unit_diagonal=True,
-    )
+    solved = _solve_unit_lower(b_tilde, jnp.concatenate([a_from_start, k_tilde_v], axis=-1))
     sa_from_start, sa_from_chunk = solved[..., :dim], solved[..., dim:]  # Za, Zv
 
     decay_to_end = jnp.exp(log_decay_last - log_decay_incl)
     b_to_end = b * decay_to_end
     k_to_end = k * decay_to_end
-    chunk_p = jnp.exp(log_decay_last[..., 0, :])[..., :, None] * jnp.eye(dim, dtype=jnp.float32) + _einsum(
+    decay_over_chunk = jnp.exp(log_decay_last[..., 0, :])  # diagonal of D, [B, H, nC, N]
+    chunk_p = decay_over_chunk[..., :, None] * jnp.eye(dim, dtype=jnp.float32) + _einsum(
         "...tc,...tj->...cj", sa_from_start, b_to_end
     )  # [B, H, nC, N(key), N(key)]
     chunk_u = _einsum("...ti,...tj->...ij", sa_from_chunk, b_to_end) + _einsum(
@@ -234,7 +279,7 @@ def wkv7_parallel(
 
     # Prepend the constant map S -> state (P = 0, U = state): the inclusive scan then yields the
     # state at every chunk boundary, from the initial state (index 0) to the final one (index nC).
-    boundary_p = jnp.concatenate([jnp.zeros_like(chunk_p[:, :, :1]), chunk_p], axis=2)
+    boundary_p = jnp.concatenate([jnp.zeros_like(state[:, :, None]), chunk_p], axis=2)
     boundary_u = jnp.concatenate([state[:, :, None], chunk_u], axis=2)
     _, boundary_states = jax.lax.associative_scan(
         _compose_chunk_maps, (boundary_p, boundary_u), axis=2
