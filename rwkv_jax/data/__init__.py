@@ -1,0 +1,1 @@
+"""Data shipped with the package: `shakespeare.txt`, the built-in training corpus (see README.md)."""
