@@ -1,4 +1,4 @@
-"""rwkv-jax: RWKV language models (versions 4-7) as functional Flax modules.
+"""rwkv-jax: RWKV language models (versions 1-7) as functional Flax modules.
 
     import rwkv_jax as rj
     cfg = rj.RWKVConfig(version=7, n_layer=2, n_embd=128, vocab_size=256)

@@ -8,13 +8,17 @@ from typing import Any
 
 import jax.numpy as jnp
 
-SUPPORTED_VERSIONS = (4, 5, 6, 7)
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 WKV_CHOICES = ("auto", "oracle", "parallel", "pallas")
 # The only WKV implementations that exist and are tested today, per version. "auto" picks the
 # first entry; asking for anything not listed fails instead of silently falling back.
-TESTED_WKV = {4: ("parallel", "oracle"), 5: ("parallel", "oracle"), 6: ("parallel", "oracle"),
+TESTED_WKV = {1: ("parallel", "oracle"), 2: ("parallel", "oracle"), 3: ("parallel", "oracle"),
+              4: ("parallel", "oracle"), 5: ("parallel", "oracle"), 6: ("parallel", "oracle"),
               7: ("parallel", "oracle")}
 DEFAULT_CHUNK_SIZE = {5: 16, 6: 16, 7: 32}
+# The official training scripts' context lengths (RWKV-1/train.py, RWKV-v2-RNN and RWKV-v3 train.py).
+DEFAULT_CTX_LEN = {1: 256, 2: 1024, 3: 1024}
+HEAD_QK_DIM = 256  # the official copy head's width (RWKV_HEAD_QK_DIM) in v1-v3
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -32,11 +36,19 @@ class RWKVConfig:
     the resolved value is stored, so `cfg.dim_ffn` is always an int after construction).
 
     Attributes:
-      version: 4, 5 (5.2 "Eagle"), 6 ("Finch") or 7 ("Goose").
+      version: 1, 2, 3, 4, 5 (5.2 "Eagle"), 6 ("Finch") or 7 ("Goose").
       n_layer, n_embd (C), vocab_size (V): model sizes.
-      head_size: N, channels per head of the matrix-state versions (v5-v7); H = dim_att // N.
-      dim_att: A, width of the time-mix projections (v4-v6; v7 requires A = C). Default C.
-      dim_ffn: F, hidden width of the channel mix. Default 4C (v4, v7) or int(3.5C)//32*32 (v5, v6).
+      head_size: N, channels per head of v1 (its `n_attn / n_head`) and of the matrix-state
+        versions (v5-v7); H = dim_att // N.
+      dim_att: A, width of the time-mix projections (v1-v6; v7 requires A = C). Default C.
+      dim_ffn: F, hidden width of the channel mix (the rows of its `key` weight). Default
+        5C//2 (v1: the official `5 * n_ffn // 2` with n_ffn = C), 4C (v2-v4, v7) or
+        int(3.5C)//32*32 (v5, v6).
+      ctx_len: TT, v1-v3 only. v1's parameters are tied to it (`time_w` is (H, TT)) and it is
+        defined only for positions < TT; in v2/v3 it is the window of the copy head (the official
+        `copy_mask` size). Default 256 (v1) or 1024 (v2, v3), as the official training scripts.
+      head_qk: D, width of the head-QK copy head (spec §2.3): 256 (official) by default for v1-v3,
+        0 = no copy head; must be 0 for v4-v7.
       d_mix, d_decay: v6 LoRA widths of the data-dependent token shift (32) and decay (64).
       d_w, d_a, d_v, d_g: v7 LoRA widths (decay, in-context rate, value residual, gate),
         defaults from the official formulas in C.
@@ -62,6 +74,8 @@ class RWKVConfig:
     d_a: int | None = None
     d_v: int | None = None
     d_g: int | None = None
+    ctx_len: int | None = None
+    head_qk: int | None = None
     wkv: str = "auto"
     chunk_size: int | None = None
     dtype: str = "float32"
@@ -83,8 +97,11 @@ class RWKVConfig:
         C, v = self.n_embd, self.version
         defaults: dict[str, Any] = {
             "dim_att": C,
-            "dim_ffn": 4 * C if v in (4, 7) else int(3.5 * C) // 32 * 32,
+            "dim_ffn": {1: 5 * C // 2, 5: int(3.5 * C) // 32 * 32, 6: int(3.5 * C) // 32 * 32}.get(v, 4 * C),
+            "head_qk": HEAD_QK_DIM if v <= 3 else 0,
         }
+        if v in DEFAULT_CTX_LEN:
+            defaults["ctx_len"] = DEFAULT_CTX_LEN[v]
         if v == 6:
             defaults.update(d_mix=32, d_decay=64)
         if v == 7:
@@ -96,7 +113,15 @@ class RWKVConfig:
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
 
-        if v >= 5 and self.dim_att % self.head_size:
+        if v <= 3:
+            if not isinstance(self.ctx_len, int) or self.ctx_len <= 0:
+                raise ValueError(f"RWKVConfig: ctx_len must be a positive int, got {self.ctx_len!r}")
+            if not isinstance(self.head_qk, int) or self.head_qk < 0:
+                raise ValueError(f"RWKVConfig: head_qk must be a non-negative int, got {self.head_qk!r}")
+        elif self.ctx_len is not None or self.head_qk:
+            raise ValueError(f"RWKVConfig: ctx_len and head_qk (the copy head) only exist for RWKV-1..3, got "
+                             f"ctx_len={self.ctx_len!r}, head_qk={self.head_qk!r} for RWKV-{v}")
+        if (v == 1 or v >= 5) and self.dim_att % self.head_size:
             raise ValueError(f"RWKVConfig: dim_att={self.dim_att} is not a multiple of head_size={self.head_size}")
         if v == 7 and self.dim_att != C:
             raise ValueError(f"RWKVConfig: RWKV-7 requires dim_att == n_embd, got {self.dim_att} != {C}")
@@ -106,8 +131,8 @@ class RWKVConfig:
 
     @property
     def n_head(self) -> int:
-        """H: number of heads (v5-v7); for v4 every channel is its own 'head'."""
-        return self.dim_att // self.head_size if self.version >= 5 else self.dim_att
+        """H: number of heads (v1, v5-v7); for v2-v4 every channel is its own 'head'."""
+        return self.dim_att // self.head_size if self.version in (1, 5, 6, 7) else self.dim_att
 
     @property
     def wkv_impl(self) -> str:

@@ -72,10 +72,17 @@ class HeadGroupNorm(nn.Module):
         return group_norm_heads(y, scale, bias).astype(self.cfg.compute_dtype)
 
 
-def linear(cfg: RWKVConfig, features: int, name: str, kernel_init: Initializer) -> nn.Dense:
-    """A bias-free Linear; its `kernel [in, out]` is the transposed official `weight [out, in]`."""
-    return nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                    kernel_init=kernel_init, name=name)
+def linear(cfg: RWKVConfig, features: int, name: str, kernel_init: Initializer, use_bias: bool = False) -> nn.Dense:
+    """A Linear, bias-free unless `use_bias` (v1's Linears; the official init zeroes biases); its
+    `kernel [in, out]` is the transposed official `weight [out, in]`."""
+    return nn.Dense(features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                    kernel_init=kernel_init, bias_init=nn.initializers.zeros, name=name)
+
+
+def linear_gain(rows: int, cols: int) -> float:
+    """The v1-v4 `RWKV_Init` gain of a Linear with official weight (rows, cols): sqrt(rows/cols) if
+    rows > cols, else 1."""
+    return (rows / cols) ** 0.5 if rows > cols else 1.0
 
 
 def orthogonal(gain: float) -> Initializer:
@@ -98,6 +105,12 @@ def constant(value_fn: Callable[[], Array]) -> Initializer:
     return init
 
 
+def half_shift_mix(n: int) -> Array:
+    """RWKV-2's `time_mix` init, (1, 1, n): 0 for the first n//2 channels (previous token), 1 for
+    the rest, i.e. exactly RWKV-1's half-channel token shift."""
+    return (jnp.arange(n) >= n // 2).astype(jnp.float32).reshape(1, 1, n)
+
+
 def channel_ratio(n: int) -> Array:
     """`ddd` of the official init: `i / n` for i in 0..n-1, shaped (1, 1, n)."""
     return (jnp.arange(n, dtype=jnp.float32) / n).reshape(1, 1, n)
@@ -109,10 +122,11 @@ def lora(x: Array, w1: Array, w2: Array, inner: Callable[[Array], Array] = lambd
 
 
 class ChannelMix(nn.Module):
-    """The squared-ReLU channel mix of v4-v7 (spec §2.2, §8.2, §9.2).
+    """The squared-ReLU channel mix of v2-v7 (spec §2.2, §4.4, §5, §8.2, §9.2).
 
-    v4/v5 mix with `time_mix_k/r` (lerp), v6 with `time_maa_k/r`, v7 with `x_k` and drops the
-    receptance gate. Returns the output `[B, T, C]` and the new shift state (last input) `[B, C]`.
+    v2 mixes key and receptance inputs with one `time_mix`, v3-v5 with `time_mix_k/r` (lerp), v6
+    with `time_maa_k/r`, v7 with `x_k` and drops the receptance gate. Returns the output
+    `[B, T, C]` and the new shift state (last input) `[B, C]`.
     """
 
     cfg: RWKVConfig
@@ -125,7 +139,10 @@ class ChannelMix(nn.Module):
         ddd = channel_ratio(C)
         prev = token_shift(x, shift)
         dt = cfg.params_dtype
-        if v in (4, 5):
+        if v == 2:
+            mix = self.param("time_mix", constant(lambda: half_shift_mix(C)), (1, 1, C), dt)
+            xk = xr = lerp_mix(x, prev, mix.astype(x.dtype))
+        elif v in (3, 4, 5):
             mix_k = self.param("time_mix_k", constant(lambda: ddd**r1), (1, 1, C), dt)
             mix_r = self.param("time_mix_r", constant(lambda: ddd**r1), (1, 1, C), dt)
             xk = lerp_mix(x, prev, mix_k.astype(x.dtype))
@@ -139,8 +156,8 @@ class ChannelMix(nn.Module):
             x_k = self.param("x_k", constant(lambda: 1 - ddd ** (r1**4)), (1, 1, C), dt)
             xk = maa_mix(x, prev - x, x_k.astype(x.dtype))
 
-        # Official init: v4 gives ffn.key gain sqrt(F/C); v5+ use gain 1; value/receptance start at 0.
-        key_gain = (F / C) ** 0.5 if (v == 4 and F > C) else 1.0
+        # Official init: v2-v4 give ffn.key gain sqrt(F/C); v5+ use gain 1; value/receptance start at 0.
+        key_gain = linear_gain(F, C) if v <= 4 else 1.0
         hidden = jnp.square(jax.nn.relu(linear(cfg, F, "key", orthogonal(key_gain))(xk)))
         out = linear(cfg, C, "value", orthogonal(0.0))(hidden)
         if v < 7:

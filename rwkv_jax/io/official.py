@@ -8,8 +8,17 @@ mapping is mechanical:
   and the embedding's `embedding` are the official `weight`;
 - `ln0` is the official `blocks.0.ln0` (the embedding LayerNorm lives in block 0 there).
 
+RWKV-1..3 keep their own official names in our tree too (v1: `tok_emb`, `blocks.{l}.attn.*`,
+`blocks.{l}.mlp.*`, `ln_f`, `time_out`; v1-v3: `head_q`, `head_k`). Their state_dicts also hold
+the `copy_mask` buffer, lower-triangular ones (TT, TT): `save_pth` writes it, loading checks it
+when present and drops it (it is not a parameter).
+
 RWKV-7 files may lack layer 0's `v0/v1/v2` (released models drop them: layer 0 has no value
 residual); they load as zeros and are never used.
+
+The official RWKV-1 trainer saves the whole pickled module (`torch.save(model)`), which needs the
+original `src.model` classes to unpickle and which the safe reader refuses. Convert it once
+where that code is importable: `torch.save(torch.load(f, weights_only=False).state_dict(), out)`.
 """
 
 from __future__ import annotations
@@ -31,11 +40,23 @@ Params = dict[str, Any]
 LEAF_TO_OFFICIAL = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 OPTIONAL_LAYER0_KEYS = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+COPY_MASK = "copy_mask"
+# Keys outside the blocks, in the order official state_dicts list them: the root module's own
+# parameters and buffers come before its children, the embedding before the blocks.
+_LEADING_KEYS = ("time_out", COPY_MASK, "tok_emb.weight", "emb.weight")
+_TRAILING_MODULES = ("ln_f", "ln_out", "head", "head_q", "head_k")
 # Parameter order inside a block, as the official modules register them. The `rwkv` package
 # detects the version and head count from the order it meets keys in (a v6 file whose
 # `time_faaaa` precedes any `time_maa_*` key is run with the wrong head count), so save_pth
 # writes keys in exactly this order.
 _BLOCK_ORDER = {
+    1: ("ln1", "ln2", "attn.time_w", "attn.time_alpha", "attn.time_beta", "attn.time_gamma", "attn.key",
+        "attn.value", "attn.receptance", "attn.output", "mlp.key", "mlp.value", "mlp.weight", "mlp.receptance"),
+    2: ("ln1", "ln2", "att.time_decay", "att.time_first", "att.time_mix", "att.key", "att.value",
+        "att.receptance", "att.output", "ffn.time_mix", "ffn.key", "ffn.receptance", "ffn.value"),
+    3: ("ln1", "ln2", "ln0", "att.time_decay", "att.time_first", "att.time_mix_k", "att.time_mix_v",
+        "att.time_mix_r", "att.key", "att.value", "att.receptance", "att.output",
+        "ffn.time_mix_k", "ffn.time_mix_r", "ffn.key", "ffn.receptance", "ffn.value"),
     4: ("ln0", "ln1", "ln2", "att.time_decay", "att.time_first", "att.time_mix_k", "att.time_mix_v",
         "att.time_mix_r", "att.key", "att.value", "att.receptance", "att.output",
         "ffn.time_mix_k", "ffn.time_mix_r", "ffn.key", "ffn.receptance", "ffn.value"),
@@ -67,8 +88,14 @@ def _to_official(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(value.T) if path[-1] == "kernel" else value
 
 
+def copy_mask(cfg: RWKVConfig, dtype: Any = np.float32) -> np.ndarray:
+    """The official `copy_mask` buffer of a v1-v3 model with a copy head: tril(ones(TT, TT))."""
+    return np.tril(np.ones((cfg.ctx_len, cfg.ctx_len), dtype))
+
+
 def params_to_official(cfg: RWKVConfig, params: Params) -> dict[str, np.ndarray]:
-    """Our parameter tree -> official state_dict arrays (numpy, the parameters' own dtypes)."""
+    """Our parameter tree -> official state_dict arrays (numpy, the parameters' own dtypes), plus
+    the `copy_mask` buffer of v1-v3 copy heads (in the head's dtype, as `model.to(dtype)` would)."""
     official: dict[str, np.ndarray] = {}
     for path, value in traverse_util.flatten_dict(params).items():
         value = np.asarray(value)
@@ -79,6 +106,8 @@ def params_to_official(cfg: RWKVConfig, params: Params) -> dict[str, np.ndarray]
             official[_official_name(("blocks", "0", *path))] = value
         else:
             official[_official_name(path)] = _to_official(path, value)
+    if cfg.head_qk:
+        official[COPY_MASK] = copy_mask(cfg, official["head.weight"].dtype)
     return official
 
 
@@ -88,8 +117,10 @@ def official_order(cfg: RWKVConfig, keys: Any) -> list[str]:
 
     def rank(key: str) -> tuple:
         match = _BLOCK_KEY.match(key)
+        if key in _LEADING_KEYS:
+            return (0, _LEADING_KEYS.index(key), 0, key)
         if not match:
-            return ({"emb.weight": 0, "ln_out.weight": 2, "ln_out.bias": 2, "head.weight": 3}[key], 0, 0, key)
+            return (2, _TRAILING_MODULES.index(key.rsplit(".", 1)[0]), 0, key)
         name = key[match.end():].rsplit(".", 1)[0] if key.endswith((".weight", ".bias")) else key[match.end():]
         return (1, int(match.group(1)), block_order.index(name), key)
 
@@ -105,7 +136,7 @@ def abstract_params(cfg: RWKVConfig) -> Params:
 
 
 def expected_official_shapes(cfg: RWKVConfig) -> dict[str, tuple[int, ...]]:
-    """Official key -> stored shape for a model of `cfg`."""
+    """Official key -> stored shape for a model of `cfg` (with the `copy_mask` buffer of v1-v3)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for path, leaf in traverse_util.flatten_dict(abstract_params(cfg)).items():
         shape = tuple(leaf.shape)
@@ -117,6 +148,8 @@ def expected_official_shapes(cfg: RWKVConfig) -> dict[str, tuple[int, ...]]:
             shapes[_official_name(("blocks", "0", *path))] = shape
         else:
             shapes[_official_name(path)] = shape[::-1] if path[-1] == "kernel" else shape
+    if cfg.head_qk:
+        shapes[COPY_MASK] = (cfg.ctx_len, cfg.ctx_len)
     return shapes
 
 
@@ -127,6 +160,10 @@ def params_from_official(cfg: RWKVConfig, tensors: Mapping[str, np.ndarray]) -> 
     """
     expected = expected_official_shapes(cfg)
     tensors = dict(tensors)
+    if COPY_MASK in expected:  # a buffer, not a parameter: optional, but when present it must be the mask
+        mask = np.asarray(tensors.setdefault(COPY_MASK, copy_mask(cfg)))
+        if mask.shape == expected[COPY_MASK] and not np.array_equal(mask, copy_mask(cfg, mask.dtype)):
+            raise CheckpointError("copy_mask is not the lower-triangular ones buffer the copy head assumes")
     if cfg.version == 7:
         for key in OPTIONAL_LAYER0_KEYS:
             if key not in tensors:
@@ -181,16 +218,22 @@ def _require(tensors: Mapping[str, np.ndarray], *keys: str) -> None:
 
 
 def infer_config(tensors: Mapping[str, np.ndarray], **overrides: Any) -> RWKVConfig:
-    """Version and sizes from official key names and shapes (the `rwkv` package's rules, §13.3).
+    """Version and sizes from official key names and shapes: for v4-v7 the `rwkv` package's rules
+    (§13.3); v1 has `tok_emb`, v2 a single `att.time_mix`, v3 a (C, 1) `att.time_decay`. The v1-v3
+    `ctx_len` comes from `time_w` (v1) or `copy_mask` (v2/v3; the config default without one).
 
     `overrides` are extra `RWKVConfig` fields (e.g. `wkv`, `dtype`).
     """
+    keys = set(tensors)
+    if "tok_emb.weight" in keys:
+        return _make_config(tensors, 1, _v1_sizes(tensors), overrides)
+    if "blocks.0.ffnPre.key.weight" in keys:
+        raise CheckpointError("'RWKV-ffnPre' checkpoints (layer 0 has ffnPre instead of att) are not supported")
     _require(tensors, "emb.weight", "blocks.0.att.key.weight", "blocks.0.ffn.key.weight")
     vocab_size, n_embd = tensors["emb.weight"].shape
     sizes: dict[str, Any] = dict(n_layer=_layer_count(tensors), n_embd=int(n_embd), vocab_size=int(vocab_size),
                                  dim_att=int(tensors["blocks.0.att.key.weight"].shape[0]),
                                  dim_ffn=int(tensors["blocks.0.ffn.key.weight"].shape[0]))
-    keys = set(tensors)
     if "blocks.0.att.r_k" in keys:
         version = 7
         n_head, head_size = tensors["blocks.0.att.r_k"].shape
@@ -216,12 +259,41 @@ def infer_config(tensors: Mapping[str, np.ndarray], **overrides: Any) -> RWKVCon
                                   "are not supported yet; only RWKV-5.2 (x052) is")
         sizes["head_size"] = int(decay_shape[1])
     else:
-        version = 4
         _require(tensors, "blocks.0.att.time_first", "blocks.0.att.time_decay")
+        if "blocks.0.att.time_mix" in keys:
+            version = 2
+        else:  # v3 stores its decays as (C, 1), v4 as (C,)
+            version = 3 if len(tensors["blocks.0.att.time_decay"].shape) == 2 else 4
+        if version < 4:
+            sizes["head_qk"] = _head_qk(tensors)
+            if COPY_MASK in keys:
+                sizes["ctx_len"] = int(tensors[COPY_MASK].shape[0])
     state_keys = sorted(k for k in keys if k.endswith(".time_state"))
     if state_keys:
         raise CheckpointError(f"state-tuned checkpoints (keys {state_keys[:3]}...) are not supported yet")
-    dtypes = {np.dtype(v.dtype) for v in tensors.values()}
+    return _make_config(tensors, version, sizes, overrides)
+
+
+def _head_qk(tensors: Mapping[str, np.ndarray]) -> int:
+    return int(tensors["head_q.weight"].shape[0]) if "head_q.weight" in tensors else 0
+
+
+def _v1_sizes(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    _require(tensors, "blocks.0.attn.time_w", "blocks.0.attn.key.weight", "blocks.0.mlp.key.weight")
+    vocab_size, n_embd = tensors["tok_emb.weight"].shape
+    n_head, ctx_len = tensors["blocks.0.attn.time_w"].shape
+    dim_att = int(tensors["blocks.0.attn.key.weight"].shape[0])
+    if dim_att % n_head:
+        raise CheckpointError(f"RWKV-1 n_attn={dim_att} is not a multiple of n_head={n_head} (time_w rows)")
+    return dict(n_layer=_layer_count(tensors), n_embd=int(n_embd), vocab_size=int(vocab_size), dim_att=dim_att,
+                dim_ffn=int(tensors["blocks.0.mlp.key.weight"].shape[0]), head_size=dim_att // int(n_head),
+                ctx_len=int(ctx_len), head_qk=_head_qk(tensors))
+
+
+def _make_config(tensors: Mapping[str, np.ndarray], version: int, sizes: dict[str, Any],
+                 overrides: dict[str, Any]) -> RWKVConfig:
+    # The copy_mask buffer's dtype says nothing about the parameters'.
+    dtypes = {np.dtype(v.dtype) for k, v in tensors.items() if k != COPY_MASK}
     param_dtype = "bfloat16" if dtypes == {np.dtype(ml_dtypes.bfloat16)} else "float32"
     try:
         return RWKVConfig(version=version, param_dtype=param_dtype, **{**sizes, **overrides})
@@ -233,8 +305,9 @@ def load_pth(path: str | os.PathLike, **config_overrides: Any) -> tuple[RWKVConf
     """Load an official BlinkDL `.pth` without torch; the config is inferred from the file.
 
     Returns `(cfg, params)`; parameters keep the file's dtype (bf16 files stay bf16; the model
-    computes in `cfg.dtype`). Raises `PthError` for unreadable or unsafe files and
-    `CheckpointError` for files that are not a consistent RWKV-4..7 state_dict.
+    computes in `cfg.dtype`). Raises `PthError` for unreadable or unsafe files (including the
+    pickled whole modules of the official RWKV-1 trainer: see the module docstring) and
+    `CheckpointError` for files that are not a consistent RWKV-1..7 state_dict.
     """
     tensors = read_pth(path)
     cfg = infer_config(tensors, **config_overrides)
@@ -243,7 +316,7 @@ def load_pth(path: str | os.PathLike, **config_overrides: Any) -> tuple[RWKVConf
 
 def save_pth(path: str | os.PathLike, cfg: RWKVConfig, params: Params) -> None:
     """Write an official-format `.pth` state_dict (loadable by `torch.load(weights_only=True)`
-    and by the `rwkv` package), keeping each parameter's dtype."""
+    and, for v4-v7, by the `rwkv` package), keeping each parameter's dtype."""
     official = params_to_official(cfg, params)
     expected = expected_official_shapes(cfg)
     mismatched = [k for k, v in official.items() if expected.get(k) != tuple(v.shape)]

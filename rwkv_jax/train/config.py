@@ -3,7 +3,7 @@
     cfg = TrainConfig.from_args(["preset=tiny", "version=7", "steps=200", "out=runs/x"])
 
 Fields left at `None` get the official per-version value when the run starts (`resolved()`):
-Adam eps is 1e-8 for RWKV-4 and 1e-18 for v5+ (spec §10), the warm-up floor is 0.2 for v4
+Adam eps is 4e-9 for RWKV-1..3, 1e-8 for RWKV-4 and 1e-18 for v5+ (spec §10), the warm-up floor is 0.2 for v4
 (v4neo: `lr·(0.2 + 0.8·s/W)`) and 0.01 for v5+ (`lr·(0.01 + 0.99·s/W)`), the decay is exponential
 for v4 and cosine for v5+.
 """
@@ -109,7 +109,7 @@ class TrainConfig:
             self,
             schedule=self.schedule or ("exp" if v4 else "cosine"),
             warmup_floor=self.warmup_floor if self.warmup_floor is not None else (0.2 if v4 else 0.01),
-            eps=self.eps if self.eps is not None else (1e-8 if v4 else 1e-18))
+            eps=self.eps if self.eps is not None else (4e-9 if self.version <= 3 else 1e-8 if v4 else 1e-18))
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -48,7 +48,9 @@ class NonFiniteLossError(RuntimeError):
 def model_config(cfg: TrainConfig, vocab_size: int) -> rj.RWKVConfig:
     """The RWKVConfig of a from-scratch run (fine-tuning takes the `.pth` file's instead)."""
     return rj.RWKVConfig(version=cfg.version, n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=vocab_size,
-                         head_size=cfg.head_size, wkv=cfg.wkv, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+                         head_size=cfg.head_size, wkv=cfg.wkv, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         # v1-v3 tie parameters / the copy-head cache to the training context
+                         **({"ctx_len": cfg.ctx_len} if cfg.version <= 3 else {}))
 
 
 def loss_fn(model: rj.RWKV, params: PyTree, batch: Array, l2wrap_factor: float) -> Array:

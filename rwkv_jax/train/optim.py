@@ -32,6 +32,7 @@ DECAYED_LEAVES = ("kernel", "embedding")
 # by exact leaf name; everything else is x1. v5/v6 `time_faaaa` and the v6 LoRAs
 # (`time_decay_w1/w2`) are x1 there too.
 LR_MULTIPLIERS = {
+    1: {}, 2: {}, 3: {},  # plain Adam(W) in the v1-v3 trainers
     4: {"time_decay": 2.0, "time_first": 3.0},
     5: {"time_decay": 2.0},
     6: {"time_decay": 2.0},

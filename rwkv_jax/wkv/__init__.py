@@ -1,5 +1,7 @@
 """The WKV recurrences as pure functions of arrays, one module per state family.
 
+- `toeplitz`: RWKV-1 (learned distance curve and position factors; a buffer of past terms).
+- `vector_eps`: RWKV-2/3 (vector state, log space, with the official ε in the denominator).
 - `vector`: RWKV-4 (vector state, log space).
 - `diag`: RWKV-5/6 (matrix state, diagonal decay, bonus u).
 - `dplr`: RWKV-7 (matrix state, diagonal plus rank-1 transition).
