@@ -7,10 +7,13 @@
     logits, state = model.apply({"params": params}, tokens)
 """
 
+from rwkv_jax import tokenizers
 from rwkv_jax.config import RWKVConfig
+from rwkv_jax.generate import GenerationResult, generate, iter_generate
 from rwkv_jax.io.official import load_pth, save_pth
 from rwkv_jax.model import RWKV
 from rwkv_jax.state import init_state, state_from_official, state_to_official
 
-__all__ = ["RWKVConfig", "RWKV", "init_state", "load_pth", "save_pth", "state_from_official", "state_to_official"]
+__all__ = ["GenerationResult", "RWKVConfig", "RWKV", "generate", "init_state", "iter_generate", "load_pth",
+           "save_pth", "state_from_official", "state_to_official", "tokenizers"]
 __version__ = "0.1.0"
