@@ -9,7 +9,7 @@
 
 from rwkv_jax import tokenizers
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.generate import GenerationResult, generate, iter_generate
+from rwkv_jax.generation import GenerationResult, generate, iter_generate
 from rwkv_jax.io.official import load_pth, save_pth
 from rwkv_jax.model import RWKV
 from rwkv_jax.state import init_state, state_from_official, state_to_official

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import rwkv_jax as rj
-from rwkv_jax import generate as gen
-from rwkv_jax.generate import filter_logits, generate, iter_generate, prefill
+from rwkv_jax import generation as gen
+from rwkv_jax.generation import filter_logits, generate, iter_generate, prefill
 from rwkv_jax.tokenizers import ByteTokenizer
 
 N_NEW = 6  # one max_new_tokens everywhere, so the decoding loop compiles once per (version, batch, sampler)
