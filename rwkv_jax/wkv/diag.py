@@ -18,7 +18,8 @@ Three forms of the same recurrence:
 * `wkv6_step`     — one token (inference).
 * `wkv6_oracle`   — `wkv6_step` under `jax.lax.scan`; the reference the others are tested against.
 * `wkv6_parallel` — chunked form for training (docs/rwkv_versions.md §8.3): matmuls inside
-  chunks, an associative scan over chunk states between them.
+  chunks (built over a binary tree of blocks so that no decay factor exceeds 1), an associative
+  scan over chunk states between them.
 
 Matmuls use JAX's default precision, so `jax.default_matmul_precision` decides whether a GPU
 may use TF32 for them; wrap calls in `jax.default_matmul_precision("highest")` for full fp32.
@@ -88,14 +89,78 @@ def wkv6_oracle(
     return jnp.moveaxis(y, 0, 1), final_state
 
 
-def _shift_one_later(x: jax.Array, axis: int) -> jax.Array:
-    """x[t−1] at position t along `axis`, 0 at t = 0. Applied to an inclusive cumulative sum
-    this gives the exclusive one exactly; subtracting x_t instead would cancel
-    catastrophically when x_t is large (e.g. −200) and the earlier terms are small."""
-    shifted = jax.lax.slice_in_dim(x, 0, x.shape[axis] - 1, axis=axis)
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (1, 0)
-    return jnp.pad(shifted, pad)
+# On CPU, XLA materialises every intermediate of the intra-chunk work for all chunks at once; once
+# that outgrows the last-level cache the memory traffic costs more than the arithmetic (T = 4096,
+# H = 4, N = 64: 2.5× slower). There `lax.map` runs the chunks in groups of about this many
+# elements per [group, H, P, N] array (≈ 1 MiB); accelerators run all chunks at once.
+_CPU_GROUP_ELEMENTS = 1 << 18
+
+
+def _intra_chunk(r, logw, k, v, u):
+    """Everything one chunk needs that does not depend on the state it starts from.
+
+    Args:
+      r, logw, k, v: `[P, H, N]` one chunk, token-major; P is a power of two.
+      u: `[H, N]` bonus.
+
+    Returns, with λ_t = Σ_{j≤t} logw_j the cumulative log-decay from the chunk start:
+      y_intra: `[H, P, N]` the chunk's own contribution to y, A V with
+        A[t, i] = Σ_c r_t[c] k_i[c] exp(λ_{t−1}[c] − λ_i[c])  (i < t),
+        A[t, t] = Σ_c r_t[c] u[c] k_t[c].
+      r_decayed: `[H, P, N]` r_t ⊙ exp(λ_{t−1}), which reads the chunk's start state.
+      update: `[H, N, N]` Σ_i (k_i ⊙ exp(λ_{P−1} − λ_i)) v_iᵀ, the state the chunk adds.
+      decay: `[H, N]` exp(λ_{P−1}), the decay across the chunk.
+
+    A is built over a binary tree of blocks. At the level with blocks of size h, each pair of
+    sibling blocks (lower then upper) contributes the pairs t in the upper block, i in the lower one,
+    whose decay factors through the boundary b between the blocks:
+
+        exp(λ_{t−1} − λ_i) = exp(λ_{t−1} − λ_{b−1}) · exp(λ_{b−1} − λ_i)
+                           = (decay from b to t−1)  · (decay from i+1 to b−1),
+
+    so that block of A is one matmul of `rows` (r times its decay since the start of its block)
+    and `cols` (k times its decay to the end of its block). Both factors are products of decays
+    w = exp(logw) ∈ [0, 1] that lie inside the two blocks: no factor exceeds 1, so nothing
+    overflows however strong the decay, and an underflow to 0 only drops a term that really is
+    below fp32 range. (Writing the pair decay as a difference λ_{t−1} − λ_i of chunk-wide sums
+    instead loses precision once a logw of −200 sits inside the chunk.) Merging the two blocks,
+    the upper block's `rows` pick up the lower block's decay and the lower block's `cols` the
+    upper block's, which gives the factors of the next level; at the top they are the
+    chunk-level r_decayed and k ⊙ exp(λ_{P−1} − λ_i). log₂ P levels, each a batched matmul and a
+    few elementwise passes; building A costs about as many multiply-adds as the matmul A V.
+    """
+    r, logw, k, v = (jnp.swapaxes(x, 0, 1) for x in (r, logw, k, v))  # [H, P, N]
+    heads, size, head_size = r.shape
+    scores = jnp.einsum("htn,htn->ht", r * u[:, None], k)[..., None, None]  # the diagonal: 1×1 blocks
+    rows, cols, block_decay = r, k, jnp.exp(logw)  # block_decay: [H, P / h, N], one per block
+    upper = (jnp.arange(2) == 1)[:, None, None]  # selects the upper block of a [2, h, N] pair
+    h = 1
+    while h < size:
+        pairs = size // (2 * h)
+        rows_b, cols_b = (x.reshape(heads, pairs, 2, h, head_size) for x in (rows, cols))
+        decay_b = block_decay.reshape(heads, pairs, 2, 1, head_size)
+        # Rows of each upper block against the columns of its lower sibling: [H, pairs, h, h].
+        cross = jnp.einsum("hptn,hpin->hpti", rows_b[:, :, 1], cols_b[:, :, 0])
+        diagonal = scores.reshape(heads, pairs, 2, h, h)
+        scores = jnp.concatenate(
+            [jnp.concatenate([diagonal[:, :, 0], jnp.zeros_like(cross)], axis=-1),
+             jnp.concatenate([cross, diagonal[:, :, 1]], axis=-1)],
+            axis=-2,
+        )  # [H, pairs, 2h, 2h]
+        rows = (rows_b * jnp.where(upper, decay_b[:, :, :1], 1.0)).reshape(heads, size, head_size)
+        cols = (cols_b * jnp.where(upper, 1.0, decay_b[:, :, 1:])).reshape(heads, size, head_size)
+        block_decay = decay_b[:, :, 0, 0] * decay_b[:, :, 1, 0]
+        h *= 2
+    y_intra = jnp.einsum("hti,hin->htn", scores.reshape(heads, size, size), v)
+    update = jnp.einsum("hin,him->hnm", cols, v)
+    return y_intra, rows, update, block_decay.reshape(heads, head_size)
+
+
+def _compose(earlier, later):
+    """Two chunk transitions S ↦ diag(decay) S + update, applied in order."""
+    decay_a, update_a = earlier
+    decay_b, update_b = later
+    return decay_a * decay_b, decay_b[..., None] * update_a + update_b
 
 
 def wkv6_parallel(
@@ -118,12 +183,14 @@ def wkv6_parallel(
         A[t, t] = Σ_c r_t[c] u[c] k_t[c],  A[t, i] = 0  (i > t)
         S_end = diag(exp(λ_{L−1})) S_start + Σ_i (k_i ⊙ exp(λ_{L−1} − λ_i)) v_iᵀ
 
-    and the chunk start states come from a `jax.lax.associative_scan` over the chunks'
-    (decay, additive) transitions. Memory is O(T·L·H·N) for the pairwise decays plus
-    O((T/L)·H·N²) for the chunk states; the per-token state is never materialised.
-
-    All exponents are sums of log-decays, hence ≤ 0: nothing overflows even when decays
-    underflow to 0 (v6 logw ≈ −150), and gradients stay finite.
+    `_intra_chunk` computes A and the decayed r and k exactly (all decay factors ≤ 1), and the
+    chunk start states come from a `jax.lax.associative_scan` over the chunks'
+    (decay, additive) transitions. Memory is O(T·(H·N + H·L)) for the per-token arrays and the
+    L×L blocks of A, plus O((T/L)·H·N²) for the chunk states; the per-token state is never
+    materialised. L ≈ N is the fastest choice: the chunk states and A then weigh about as much as
+    one input each, while L < N multiplies the chunk states' memory by N/L (N = 64 on CPU at
+    T = 4096: L = 64 runs ~2.5× faster than L = 16). A chunk length that is not a power of two is
+    padded inside each chunk with identity tokens.
 
     Args:
       r, logw, k, v: `[B, T, H, N]` receptance, log-decay (≤ 0), key, value.
@@ -138,56 +205,34 @@ def wkv6_parallel(
     r, logw, k, v, u, state = _as_fp32(r, logw, k, v, u, state)
     batch, seq_len, heads, head_size = r.shape
     num_chunks = -(-seq_len // chunk_size)
-    padding = num_chunks * chunk_size - seq_len
+    size = 1 << (chunk_size - 1).bit_length()  # chunk length for the tree: the next power of two
 
     def to_chunks(x):
         # Zero padding is an identity token: k = v = 0 adds nothing, logw = 0 decays nothing.
-        x = jnp.pad(x, ((0, 0), (0, padding), (0, 0), (0, 0)))
-        return x.reshape(batch, num_chunks, chunk_size, heads, head_size)
+        x = jnp.pad(x, ((0, 0), (0, num_chunks * chunk_size - seq_len), (0, 0), (0, 0)))
+        x = x.reshape(batch * num_chunks, chunk_size, heads, head_size)
+        return jnp.pad(x, ((0, 0), (0, size - chunk_size), (0, 0), (0, 0)))  # [B·C, P, H, N]
 
-    r, logw, k, v = (to_chunks(x) for x in (r, logw, k, v))  # [B, C, L, H, N]
+    chunks = tuple(to_chunks(x) for x in (r, logw, k, v))
+    # The backward pass recomputes the intra-chunk work rather than storing its log₂ P levels.
+    intra = jax.checkpoint(lambda c: _intra_chunk(*c, u))
+    if jax.default_backend() == "cpu":
+        group = max(1, _CPU_GROUP_ELEMENTS // (heads * size * head_size))
+        outputs = jax.lax.map(intra, chunks, batch_size=group)
+    else:
+        outputs = jax.vmap(intra)(chunks)
+    y_intra, r_decayed, update, decay = (
+        x.reshape(batch, num_chunks, *x.shape[1:]) for x in outputs
+    )  # [B, C, H, P, N], [B, C, H, P, N], [B, C, H, N, N], [B, C, H, N]
 
-    # Pairwise log-decays as segment sums: decay_through[t, i] = Σ_{i<j≤t} logw_j, summed
-    # directly rather than as λ_t − λ_i, which would cancel catastrophically once a −200
-    # decay sits in λ. Masking the summands (not the sums) leaves 0 where i ≥ t, so no −inf
-    # is ever formed and exp never sees a positive exponent, for values and gradients alike.
-    i_before_t = jnp.tril(jnp.ones((chunk_size, chunk_size), dtype=bool), k=-1)  # [t, i]
-    i_before_t = i_before_t[None, None, :, :, None, None]
-    segment_terms = jnp.where(i_before_t, logw[:, :, :, None], 0.0)  # [B, C, L(j), L(i), H, N]
-    decay_through = jnp.cumsum(segment_terms, axis=2)  # [B, C, L(t), L(i), H, N]
-    # Token i reaches the read at t after the decays of tokens i+1 … t−1.
-    decay_between = _shift_one_later(decay_through, axis=2)
-    pairwise_decay = jnp.where(i_before_t, jnp.exp(decay_between), 0.0)
-    decay_to_chunk_end = decay_through[:, :, -1]  # [B, C, L(i), H, N]: Σ_{i<j≤L−1} logw_j
+    # State after each chunk: the initial state enters through chunk 0's update, then an
+    # inclusive associative scan composes the chunks' transitions.
+    update = update.at[:, 0].add(decay[:, 0, ..., None] * state)
+    _, chunk_ends = jax.lax.associative_scan(_compose, (decay, update), axis=1)
+    final_state = chunk_ends[:, -1]  # padding tokens are identities
+    chunk_starts = jnp.concatenate([state[:, None], chunk_ends[:, :-1]], axis=1)
 
-    # λ_{t−1}: [B, C, L, H, N]
-    decay_from_start = _shift_one_later(jnp.cumsum(logw, axis=2), axis=2)
-    chunk_decay = jnp.exp(jnp.sum(logw, axis=2))  # exp(λ_{L−1}): [B, C, H, N]
-
-    # Each chunk's transition S_end = diag(chunk_decay) S_start + chunk_update.
-    chunk_update = jnp.einsum(
-        "bcihn,bcihm->bchnm", k * jnp.exp(decay_to_chunk_end), v
-    )  # [B, C, H, N, N]
-
-    # Exclusive prefix over chunks: the initial state enters as a leading (identity, state)
-    # element, so the inclusive scan's additive part at position c is chunk c's start state,
-    # and the last position is the state after the last chunk.
-    def compose(earlier, later):
-        decay_a, update_a = earlier
-        decay_b, update_b = later
-        return decay_a * decay_b, decay_b[..., None] * update_a + update_b
-
-    decays = jnp.concatenate([jnp.ones_like(chunk_decay[:, :1]), chunk_decay], axis=1)
-    updates = jnp.concatenate([state[:, None], chunk_update], axis=1)
-    _, chunk_states = jax.lax.associative_scan(compose, (decays, updates), axis=1)
-    start_states = chunk_states[:, :-1]  # [B, C, H, N, N]
-    final_state = chunk_states[:, -1]  # padding tokens are identities
-
-    scores = jnp.einsum("bcthn,bcihn,bctihn->bchti", r, k, pairwise_decay)
-    bonus = jnp.einsum("bcthn,hn,bcthn->bcth", r, u, k)
-    y_intra = jnp.einsum("bchti,bcihn->bcthn", scores, v) + bonus[..., None] * v
-    y_from_state = jnp.einsum(
-        "bcthi,bchij->bcthj", r * jnp.exp(decay_from_start), start_states
-    )
-    y = (y_intra + y_from_state).reshape(batch, num_chunks * chunk_size, heads, head_size)
+    y = y_intra + jnp.einsum("bchtn,bchnm->bchtm", r_decayed, chunk_starts)
+    y = jnp.swapaxes(y[:, :, :, :chunk_size], 2, 3)  # [B, C, L, H, N]
+    y = y.reshape(batch, num_chunks * chunk_size, heads, head_size)
     return y[:, :seq_len], final_state

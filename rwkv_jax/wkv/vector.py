@@ -7,6 +7,11 @@ Per channel, with `w = log_decay < 0` (the official `-exp(time_decay)`) and bonu
 The state is the official `(aa, bb, pp)`: numerator and denominator sums divided by `e^pp`, and
 the running log-scale `pp` (zero state: aa = bb = 0, pp = -1e30). Keeping every exponent
 relative to a running maximum is what stops `e^k` from overflowing (the "max trick").
+
+* `wkv4_step`     — one token (inference).
+* `wkv4_oracle`   — `wkv4_step` under `jax.lax.scan`; the reference the others are tested against.
+* `wkv4_parallel` — chunked form for training: an associative scan over chunk summaries, with the
+  tokens inside each chunk walked for all chunks at once.
 """
 
 from __future__ import annotations
@@ -50,35 +55,111 @@ def wkv4_oracle(k: Array, v: Array, log_decay: Array, u: Array, state: State) ->
     return jnp.swapaxes(y, 0, 1), state
 
 
-def _combine(left: tuple[Array, ...], right: tuple[Array, ...], log_decay: Array) -> tuple[Array, ...]:
-    """Compose two segments (length n, log-scale p, numerator a, denominator b): left then right."""
-    n_l, p_l, a_l, b_l = left
-    n_r, p_r, a_r, b_r = right
-    p_l = p_l + n_r * log_decay  # the left segment decays once per token of the right one
-    p = jnp.maximum(p_l, p_r)
-    e_l, e_r = jnp.exp(p_l - p), jnp.exp(p_r - p)
-    return n_l + n_r, p, e_l * a_l + e_r * a_r, e_l * b_l + e_r * b_r
+# Tokens per chunk of the parallel form: the walk inside chunks takes _CHUNK sequential steps, the
+# associative scan over chunks ~2·log₂(T / _CHUNK) levels; 32-64 are the fastest on CPU for
+# T ~ 1-4k.
+_CHUNK = 64
+
+
+def _weights(d: Array) -> tuple[Array, Array]:
+    """(e^{x−m}, e^{y−m}) for d = x − y and m = max(x, y), with a single exp of a value ≤ 0."""
+    e = jnp.exp(-jnp.abs(d))
+    return jnp.where(d >= 0, 1.0, e), jnp.where(d >= 0, e, 1.0)
+
+
+def _merge(p1: Array, a1: Array, b1: Array, p2: Array, a2: Array, b2: Array) -> State:
+    """Sum of two max-trick triples (p, a, b), each standing for the sums (a·e^p, b·e^p);
+    returns the triple (p, a, b) of the sum.
+
+    The max is a select on d ≥ 0 rather than `jnp.maximum`: the latter's gradient tests
+    `p1 == max(p1, p2)`, which XLA can break by rounding p1 differently (FMA) in two fusions.
+    """
+    d = p1 - p2
+    c1, c2 = _weights(d)
+    return jnp.where(d >= 0, p1, p2), c1 * a1 + c2 * a2, c1 * b1 + c2 * b2
+
+
+def _step(carry: State, kv: tuple[Array, Array], log_decay: Array, u: Array) -> tuple[State, Array]:
+    """`wkv4_step` on a (p, a, b) carry (pp, aa, bb), one exp per merge: output, then update."""
+    p, a, b = carry
+    k, v = kv
+    c_state, c_token = _weights(p - (u + k))
+    y = (c_state * a + c_token * v) / (c_state * b + c_token)
+    return _merge(p + log_decay, a, b, k, v, jnp.ones_like(v)), y
 
 
 def wkv4_parallel(k: Array, v: Array, log_decay: Array, u: Array, state: State) -> tuple[Array, State]:
-    """`jax.lax.associative_scan` over tokens; same contract as `wkv4_oracle`, O(T·A) memory.
+    """Chunked parallel form; same contract as `wkv4_oracle`, O(T·A) memory.
 
-    Token t is the segment (1, k_t, v_t, 1); the initial state is a segment of length 0. The
-    inclusive scan of [state, token_0, ..., token_{T-1}] gives the state before every token and
-    after the last one, all in the max-trick representation.
+    The T tokens are cut into chunks of L = `_CHUNK` tokens (the last one padded). Three passes,
+    each over all chunks at once:
+
+    1. Each chunk's own sums as of its last token, in the max-trick form: token i has decayed
+       L−1−i times, so with z_i = k_i + (L−1−i)·w the summary is p = max_i z_i,
+       a = Σ e^{z_i − p} v_i, b = Σ e^{z_i − p}.
+    2. `jax.lax.associative_scan` over [initial state, summaries] composes them into the state
+       before every chunk. Segments combine as (p_l + n_r·w, a_l, b_l) + (p_r, a_r, b_r): the
+       earlier one decays once per token of the later one (n_r tokens).
+    3. Each chunk is walked from its start state with the oracle's step (`lax.scan` over the
+       position in the chunk, vectorised over chunks), which gives y; padding positions leave
+       the state unchanged, so the last chunk ends on the final state.
+
+    Sequential depth is L + O(log(T / L)) instead of T, for about the oracle's arithmetic.
+    Every exponent that is exponentiated is ≤ 0 (max trick), so keys up to fp32's e^k overflow
+    (k ≈ 88) and beyond stay finite. The walk is rematerialised in the backward pass, so only
+    its carried states are stored.
+
+    The returned state has the oracle's values (pp is the largest exponent). Its gradients agree
+    with the oracle's through what the state means, the sums aa·e^pp and bb·e^pp (all that y of a
+    later call depends on); pp alone is a scale and its own gradient can differ.
     """
     k, v = k.astype(jnp.float32), v.astype(jnp.float32)
     aa, bb, pp = state
-    B, T, A = k.shape
-    lengths = jnp.concatenate([jnp.zeros((B, 1, 1)), jnp.ones((B, T, 1))], axis=1)
-    elements = (
-        lengths,
-        jnp.concatenate([pp[:, None], k], axis=1),
-        jnp.concatenate([aa[:, None], v], axis=1),
-        jnp.concatenate([bb[:, None], jnp.ones_like(k)], axis=1),
-    )
-    _, p, a, b = jax.lax.associative_scan(lambda l, r: _combine(l, r, log_decay), elements, axis=1)
-    y = _output(a[:, :-1], b[:, :-1], p[:, :-1], u, k, v)
+    batch, seq_len, channels = k.shape
+    size = min(_CHUNK, seq_len)
+    num_chunks = -(-seq_len // size)
+    padding = num_chunks * size - seq_len
+    # Only the last chunk is padded (with zeros): its summary is not used, and the walk leaves the
+    # state unchanged at padding positions, so the last chunk ends on the true final state.
+    kc, vc = (jnp.pad(x, ((0, 0), (0, padding), (0, 0))).reshape(batch, num_chunks, size, channels)
+              for x in (k, v))
+
+    # 1. Chunk summaries. p only sets the scale of the triple: a·e^p and b·e^p are exact functions
+    #    of z whatever p is, so it needs no gradient. (`jnp.max`'s gradient divides by the count
+    #    of elements equal to the max, which XLA can make 0 by rounding z differently in two
+    #    fusions. einsum for the weighted sum: XLA:CPU reduces sum(x * y) over a middle axis
+    #    several times slower.)
+    z = kc + jnp.arange(size - 1, -1, -1, dtype=jnp.float32)[:, None] * log_decay
+    p_chunk = jax.lax.stop_gradient(jnp.max(z, axis=2))
+    e = jnp.exp(z - p_chunk[:, :, None])
+    summaries = (p_chunk, jnp.einsum("bcla,bcla->bca", e, vc), jnp.sum(e, axis=2))
+
+    # 2. State before each chunk: inclusive scan over [initial state, chunks 0 … C−2] (nothing
+    #    follows the last chunk, so its summary is not needed).
+    def combine(left, right):
+        n_l, p_l, a_l, b_l = left
+        n_r, p_r, a_r, b_r = right
+        return (n_l + n_r, *_merge(p_l + n_r * log_decay, a_l, b_l, p_r, a_r, b_r))
+
+    lengths = jnp.concatenate(
+        [jnp.zeros((batch, 1, 1)), jnp.full((batch, num_chunks - 1, 1), float(size))], axis=1)
+    elements = (lengths,) + tuple(
+        jnp.concatenate([s[:, None], c[:, :-1]], axis=1) for s, c in zip((pp, aa, bb), summaries))
+    _, *starts = jax.lax.associative_scan(combine, elements, axis=1)
+
+    # 3. Walk every chunk from its start state, position by position. (Checkpointed: the backward
+    #    pass recomputes each step from the carried state instead of storing its intermediates.)
+    @jax.checkpoint
+    def walk(carry, inputs):
+        k_t, v_t, real = inputs
+        new_carry, y = _step(carry, (k_t, v_t), log_decay, u)
+        return tuple(jnp.where(real, n, c) for n, c in zip(new_carry, carry)), y
+
+    token = jnp.arange(num_chunks * size).reshape(num_chunks, size)
+    real = (token < seq_len).T[:, None, :, None]  # [L, 1, chunks, 1]
+    by_position = lambda x: jnp.moveaxis(x, 2, 0)  # [L, B, chunks, A]
+    (p, a, b), y = jax.lax.scan(walk, tuple(starts), (by_position(kc), by_position(vc), real))
+    y = jnp.moveaxis(y, 0, 2).reshape(batch, num_chunks * size, channels)[:, :seq_len]
     return y, (a[:, -1], b[:, -1], p[:, -1])
 
 
