@@ -15,7 +15,7 @@ WKV_CHOICES = ("auto", "oracle", "parallel", "pallas")
 TESTED_WKV = {1: ("parallel", "oracle"), 2: ("parallel", "oracle"), 3: ("parallel", "oracle"),
               4: ("parallel", "oracle"), 5: ("parallel", "oracle"), 6: ("parallel", "oracle"),
               7: ("parallel", "oracle")}
-DEFAULT_CHUNK_SIZE = {5: 16, 6: 16, 7: 32}
+DEFAULT_CHUNK_SIZE = {5: 64, 6: 64, 7: 32}
 # The official training scripts' context lengths (RWKV-1/train.py, RWKV-v2-RNN and RWKV-v3 train.py).
 DEFAULT_CTX_LEN = {1: 256, 2: 1024, 3: 1024}
 HEAD_QK_DIM = 256  # the official copy head's width (RWKV_HEAD_QK_DIM) in v1-v3

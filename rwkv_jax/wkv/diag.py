@@ -170,7 +170,7 @@ def wkv6_parallel(
     v: jax.Array,
     u: jax.Array,
     state: jax.Array,
-    chunk_size: int = 16,
+    chunk_size: int = 64,
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked parallel WKV recurrence (training form); same results as `wkv6_oracle`.
 
