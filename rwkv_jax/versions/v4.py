@@ -17,6 +17,25 @@ Array = jax.Array
 WKV4 = WKVForms(oracle=wkv4_oracle, parallel=wkv4_parallel, step=wkv4_step)
 
 
+def decay_bonus_and_mixes(module: nn.Module, cfg: RWKVConfig, layer: Array, dtype: jnp.dtype,
+                          decay_shape: tuple[int, ...]) -> tuple[Array, Array, Array, Array, Array]:
+    """The v3/v4 time-mix parameters, created on `module` with the official init (spec §5, §6.8):
+    `time_decay`, `time_first` (shape `decay_shape`: v4 (A,), v3 (A, 1)) and the k/v/r lerp mixes
+    (cast to `dtype`)."""
+    C, A, dt = cfg.n_embd, cfg.dim_att, cfg.params_dtype
+    r0, r1 = layer_ratios(layer, cfg.n_layer)
+    ddd = channel_ratio(C)
+    channel = jnp.arange(A, dtype=jnp.float32).reshape(decay_shape)
+    zigzag = ((channel + 1) % 3 - 1) * 0.5
+    time_decay = module.param(
+        "time_decay", constant(lambda: -5 + 8 * (channel / max(A - 1, 1)) ** (0.7 + 1.3 * r0)), decay_shape, dt)
+    time_first = module.param("time_first", constant(lambda: math.log(0.3) + zigzag), decay_shape, dt)
+    mix_k = module.param("time_mix_k", constant(lambda: ddd**r1), (1, 1, C), dt).astype(dtype)
+    mix_v = module.param("time_mix_v", constant(lambda: ddd**r1 + 0.3 * r0), (1, 1, C), dt).astype(dtype)
+    mix_r = module.param("time_mix_r", constant(lambda: ddd ** (0.5 * r1)), (1, 1, C), dt).astype(dtype)
+    return time_decay, time_first, mix_k, mix_v, mix_r
+
+
 class TimeMix4(nn.Module):
     """`x [B, T, C]` (after ln1) -> output `[B, T, C]` and the new time-mix state."""
 
@@ -26,17 +45,8 @@ class TimeMix4(nn.Module):
     def __call__(self, x: Array, state: dict[str, Array], layer: Array, v_first: Array
                  ) -> tuple[Array, dict[str, Array], Array]:
         cfg = self.cfg
-        C, A, dt = cfg.n_embd, cfg.dim_att, cfg.params_dtype
-        r0, r1 = layer_ratios(layer, cfg.n_layer)
-        ddd = channel_ratio(C)
-        channel = jnp.arange(A, dtype=jnp.float32)
-        zigzag = ((channel + 1) % 3 - 1) * 0.5
-        time_decay = self.param(
-            "time_decay", constant(lambda: -5 + 8 * (channel / max(A - 1, 1)) ** (0.7 + 1.3 * r0)), (A,), dt)
-        time_first = self.param("time_first", constant(lambda: math.log(0.3) + zigzag), (A,), dt)
-        mix_k = self.param("time_mix_k", constant(lambda: ddd**r1), (1, 1, C), dt).astype(x.dtype)
-        mix_v = self.param("time_mix_v", constant(lambda: ddd**r1 + 0.3 * r0), (1, 1, C), dt).astype(x.dtype)
-        mix_r = self.param("time_mix_r", constant(lambda: ddd ** (0.5 * r1)), (1, 1, C), dt).astype(x.dtype)
+        C, A = cfg.n_embd, cfg.dim_att
+        time_decay, time_first, mix_k, mix_v, mix_r = decay_bonus_and_mixes(self, cfg, layer, x.dtype, (A,))
 
         prev = token_shift(x, state["att_x"])
         k = linear(cfg, A, "key", orthogonal(0.0))(lerp_mix(x, prev, mix_k))
