@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
@@ -38,3 +40,16 @@ def random_params(cfg: rj.RWKVConfig, seed: int = 0):
 
 def random_tokens(cfg: rj.RWKVConfig, batch: int, length: int, seed: int = 0) -> jnp.ndarray:
     return jnp.asarray(np.random.RandomState(seed).randint(0, cfg.vocab_size, (batch, length)), jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def forward_fn(cfg: rj.RWKVConfig):
+    """`(params, tokens [B, T], state) -> (logits, state)`, jitted once per config."""
+    return jax.jit(lambda params, tokens, state: rj.RWKV(cfg).apply({"params": params}, tokens, state))
+
+
+@functools.lru_cache(maxsize=None)
+def step_fn(cfg: rj.RWKVConfig):
+    """`(params, token [B], state) -> (logits [B, V], state)` through `RWKV.step`, jitted once per config."""
+    return jax.jit(lambda params, token, state: rj.RWKV(cfg).apply({"params": params}, token, state,
+                                                                 method=rj.RWKV.step))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import rwkv_jax as rj
-from helpers import random_params, random_tokens, rel_err
+from helpers import forward_fn, random_params, random_tokens, rel_err, step_fn
 
 TOL = 1e-5
 # (version, n_embd, head_size): a small head and the official 64.
@@ -20,17 +20,6 @@ CASES = [(4, 48, 64), (5, 64, 16), (5, 128, 64), (6, 64, 16), (6, 128, 64), (7, 
 def make_cfg(version: int, n_embd: int, head_size: int, wkv: str = "parallel", **extra) -> rj.RWKVConfig:
     return rj.RWKVConfig(version=version, n_layer=2, n_embd=n_embd, vocab_size=61, head_size=head_size,
                          wkv=wkv, **extra)
-
-
-@functools.lru_cache(maxsize=None)
-def forward_fn(cfg: rj.RWKVConfig):
-    return jax.jit(lambda params, tokens, state: rj.RWKV(cfg).apply({"params": params}, tokens, state))
-
-
-@functools.lru_cache(maxsize=None)
-def step_fn(cfg: rj.RWKVConfig):
-    return jax.jit(lambda params, token, state: rj.RWKV(cfg).apply({"params": params}, token, state,
-                                                                 method=rj.RWKV.step))
 
 
 @functools.lru_cache(maxsize=None)

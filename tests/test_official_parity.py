@@ -14,7 +14,6 @@ so bf16 v7 files are compared directly.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 
 import rwkv_jax as rj
-from helpers import rel_err
+from helpers import forward_fn, rel_err
 from official_reference import make_official_checkpoint, official_available, run_official_many
 
 pytestmark = pytest.mark.skipif(not official_available(), reason="torch and the rwkv package are not installed")
@@ -35,11 +34,6 @@ CASES = [
     (6, "fp32", 2, 64, 16, 97), (6, "bf16", 3, 128, 64, 300),
     (7, "fp32", 2, 64, 16, 97), (7, "bf16", 3, 128, 64, 300),
 ]
-
-
-@functools.lru_cache(maxsize=None)
-def forward_fn(cfg: rj.RWKVConfig):
-    return jax.jit(lambda params, tokens, state: rj.RWKV(cfg).apply({"params": params}, tokens, state))
 
 
 def run_ours(cfg, params, tokens, official_state=None):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import rwkv_jax as rj
-from helpers import random_params, random_tokens, rel_err
+from helpers import forward_fn, random_params, random_tokens, rel_err, step_fn
 from rwkv_jax.io.official import CheckpointError, expected_official_shapes, params_from_official
 
 TOL = 1e-5
@@ -27,17 +27,6 @@ def make_cfg(version: int, wkv: str = "parallel", **extra) -> rj.RWKVConfig:
     """Tiny models; v1 (4 heads of 8) runs up to its ctx_len, v2/v3 past theirs (the copy window)."""
     sizes = dict(head_size=8, ctx_len=16) if version == 1 else dict(ctx_len=8)
     return rj.RWKVConfig(version=version, n_layer=2, n_embd=32, vocab_size=V, wkv=wkv, **{**sizes, **extra})
-
-
-@functools.lru_cache(maxsize=None)
-def forward_fn(cfg: rj.RWKVConfig):
-    return jax.jit(lambda params, tokens, state: rj.RWKV(cfg).apply({"params": params}, tokens, state))
-
-
-@functools.lru_cache(maxsize=None)
-def step_fn(cfg: rj.RWKVConfig):
-    return jax.jit(lambda params, token, state: rj.RWKV(cfg).apply({"params": params}, token, state,
-                                                                 method=rj.RWKV.step))
 
 
 @functools.lru_cache(maxsize=None)
