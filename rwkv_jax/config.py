@@ -20,6 +20,9 @@ DEFAULT_CHUNK_SIZE = {5: 64, 6: 64, 7: 32}
 DEFAULT_CTX_LEN = {1: 256, 2: 1024, 3: 1024}
 HEAD_QK_DIM = 256  # the official copy head's width (RWKV_HEAD_QK_DIM) in v1-v3
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# RWKV-5 sub-versions the official package tells apart (spec §7.1): the 5.0/5.1 previews have one
+# decay and one bonus per head and 5.0 has no gate; 5.2 ("x052", Eagle) is what v5 means by default.
+V5_VARIANTS = ("5.0", "5.1", "5.2")
 
 
 def _lora_dim(scale: float, n_embd: int, power: float) -> int:
@@ -36,7 +39,12 @@ class RWKVConfig:
     the resolved value is stored, so `cfg.dim_ffn` is always an int after construction).
 
     Attributes:
-      version: 1, 2, 3, 4, 5 (5.2 "Eagle"), 6 ("Finch") or 7 ("Goose").
+      version: 1, 2, 3, 4, 5 ("Eagle"), 6 ("Finch") or 7 ("Goose").
+      v5_variant: RWKV-5 only: "5.2" (x052, the default: per-channel decay and bonus, SiLU gate),
+        "5.1" (per-head scalar decay and bonus, gate) or "5.0" (per-head, no gate); None otherwise.
+      v5_log_bonus: RWKV-5.0/5.1 only: the preview trainer without its 'r2' flag stores the bonus
+        as `time_first` = log u (the `rwkv` package applies exp), with it as `time_faaaa` = u.
+        True selects the former, so such files round-trip bit-exactly.
       n_layer, n_embd (C), vocab_size (V): model sizes.
       head_size: N, channels per head of v1 (its `n_attn / n_head`) and of the matrix-state
         versions (v5-v7); H = dim_att // N.
@@ -80,6 +88,8 @@ class RWKVConfig:
     chunk_size: int | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
+    v5_variant: str | None = None
+    v5_log_bonus: bool = False
 
     def __post_init__(self) -> None:
         if self.version not in SUPPORTED_VERSIONS:
@@ -109,6 +119,8 @@ class RWKVConfig:
                             d_v=_lora_dim(1.3, C, 0.5), d_g=_lora_dim(0.6, C, 0.8))
         if v in DEFAULT_CHUNK_SIZE:
             defaults["chunk_size"] = DEFAULT_CHUNK_SIZE[v]
+        if v == 5:
+            defaults["v5_variant"] = "5.2"
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -121,6 +133,12 @@ class RWKVConfig:
         elif self.ctx_len is not None or self.head_qk:
             raise ValueError(f"RWKVConfig: ctx_len and head_qk (the copy head) only exist for RWKV-1..3, got "
                              f"ctx_len={self.ctx_len!r}, head_qk={self.head_qk!r} for RWKV-{v}")
+        if v == 5 and self.v5_variant not in V5_VARIANTS:
+            raise ValueError(f"RWKVConfig: v5_variant must be one of {V5_VARIANTS}, got {self.v5_variant!r}")
+        if v != 5 and self.v5_variant is not None:
+            raise ValueError(f"RWKVConfig: v5_variant only exists for RWKV-5, got {self.v5_variant!r} for RWKV-{v}")
+        if self.v5_log_bonus and self.v5_variant not in ("5.0", "5.1"):
+            raise ValueError("RWKVConfig: v5_log_bonus (a `time_first` log-bonus) only exists for RWKV-5.0/5.1")
         if (v == 1 or v >= 5) and self.dim_att % self.head_size:
             raise ValueError(f"RWKVConfig: dim_att={self.dim_att} is not a multiple of head_size={self.head_size}")
         if v == 7 and self.dim_att != C:

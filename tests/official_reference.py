@@ -476,9 +476,13 @@ def run_official_many(
     jobs: Sequence[tuple[Sequence[int], Sequence[np.ndarray] | None]],
     *,
     timeout: float = 600.0,
+    expect_detected: float | None = None,
 ) -> list[tuple[np.ndarray, list[np.ndarray]]]:
     """Like :func:`run_official` for several independent ``(tokens, state)`` jobs that share one
-    subprocess and one model load (each job starts from its own given state or the zero state)."""
+    subprocess and one model load (each job starts from its own given state or the zero state).
+    ``expect_detected`` replaces the version the package must detect (e.g. 5.0 or 5.1 for the
+    RWKV-5 previews; default: 4.0, 5.2, 6.0 or 7.0). A job state of ``None`` is the package's
+    default initial state (zero, or a state-tuned file's ``time_state``)."""
     global LAST_RUN_SECONDS
     if version not in SUPPORTED_VERSIONS:
         raise ValueError(f"version must be one of {SUPPORTED_VERSIONS}, got {version!r}")
@@ -505,7 +509,7 @@ def run_official_many(
         for j, arrs in enumerate(payloads):
             np.savez(os.path.join(job_dir, f"in_{j}.npz"), **arrs)
         with open(os.path.join(job_dir, "job.json"), "w") as f:
-            json.dump({"version": version, "jobs": specs}, f)
+            json.dump({"version": version, "jobs": specs, "expect_detected": expect_detected}, f)
         cmd = [sys.executable, "-c", _BOOT, os.path.abspath(__file__), job_dir]
         t0 = time.perf_counter()
         proc = subprocess.run(
@@ -572,14 +576,15 @@ def _worker_main(job_dir: str) -> None:
         detected = float(model.version)
         n_layer = model.args.n_layer
         per_layer = 5 if version == 4 else 3
-    if abs(detected - _EXPECTED_DETECTED[version]) > 1e-6:
+    expected = spec.get("expect_detected") or _EXPECTED_DETECTED[version]
+    if abs(detected - expected) > 1e-6:
         hint = ""
         if version == 5 and n_layer == 1:
             hint = (" (the package's detection loop only upgrades to 5.2 at an att.time_decay key seen"
                     " after some ln_x/gate key; with released key order that first happens in layer 1,"
                     " so 1-layer v5.2 files are misread as 5.1 with N=1 heads)")
         raise RuntimeError(
-            f"package detected v{detected} but v{version} (expected {_EXPECTED_DETECTED[version]}) was requested{hint}"
+            f"package detected v{detected} but v{version} (expected {expected}) was requested{hint}"
         )
 
     for j, job in enumerate(spec["jobs"]):

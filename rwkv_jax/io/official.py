@@ -41,6 +41,9 @@ LEAF_TO_OFFICIAL = {"kernel": "weight", "scale": "weight", "embedding": "weight"
 OPTIONAL_LAYER0_KEYS = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 COPY_MASK = "copy_mask"
+# State-tuning files (and models merged with one) hold `blocks.{l}.att.time_state` (H, N, N): the
+# tuned initial WKV state, not a parameter; see `rwkv_jax.io.state_files`.
+TIME_STATE = "att.time_state"
 # Keys outside the blocks, in the order official state_dicts list them: the root module's own
 # parameters and buffers come before its children, the embedding before the blocks.
 _LEADING_KEYS = ("time_out", COPY_MASK, "tok_emb.weight", "emb.weight")
@@ -63,6 +66,12 @@ _BLOCK_ORDER = {
     5: ("ln0", "ln1", "ln2", "att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "att.time_mix_g",
         "att.time_decay", "att.time_faaaa", "att.receptance", "att.key", "att.value", "att.output",
         "att.gate", "att.ln_x", "ffn.time_mix_k", "ffn.time_mix_r", "ffn.key", "ffn.receptance", "ffn.value"),
+    # The 5.0/5.1 previews (`RWKV_TimeMix_RWKV5_Preview`): per-head time_decay and time_first or
+    # time_faaaa, and (5.1) the gate registered right after time_mix_g, before receptance.
+    "5-preview": ("ln0", "ln1", "ln2", "att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "att.time_mix_g",
+                  "att.time_decay", "att.time_first", "att.time_faaaa", "att.gate", "att.receptance", "att.key",
+                  "att.value", "att.output", "att.ln_x", "ffn.time_mix_k", "ffn.time_mix_r", "ffn.key",
+                  "ffn.receptance", "ffn.value"),
     6: ("ln0", "ln1", "ln2", "att.time_maa_x", "att.time_maa_w", "att.time_maa_k", "att.time_maa_v",
         "att.time_maa_r", "att.time_maa_g", "att.time_maa_w1", "att.time_maa_w2", "att.time_decay",
         "att.time_decay_w1", "att.time_decay_w2", "att.time_faaaa", "att.receptance", "att.key",
@@ -113,7 +122,8 @@ def params_to_official(cfg: RWKVConfig, params: Params) -> dict[str, np.ndarray]
 
 def official_order(cfg: RWKVConfig, keys: Any) -> list[str]:
     """`keys` sorted as an official checkpoint lists them (emb, blocks by layer, ln_out, head)."""
-    block_order = _BLOCK_ORDER[cfg.version]
+    block_order = _BLOCK_ORDER["5-preview" if cfg.v5_variant in ("5.0", "5.1") else cfg.version]
+    block_order = (*block_order, TIME_STATE)  # state-tuned files: after the block's parameters
 
     def rank(key: str) -> tuple:
         match = _BLOCK_KEY.match(key)
@@ -253,11 +263,19 @@ def infer_config(tensors: Mapping[str, np.ndarray], **overrides: Any) -> RWKVCon
     elif any(".ln_x." in k for k in keys):
         version = 5
         _require(tensors, "blocks.0.att.time_decay")
-        decay_shape = tensors["blocks.0.att.time_decay"].shape
-        if len(decay_shape) != 2 or decay_shape[1] == 1 or "blocks.0.att.gate.weight" not in keys:
-            raise CheckpointError(f"RWKV-5.0/5.1 checkpoints (per-head decay, time_decay shape {decay_shape}) "
-                                  "are not supported yet; only RWKV-5.2 (x052) is")
-        sizes["head_size"] = int(decay_shape[1])
+        decay_shape = tuple(tensors["blocks.0.att.time_decay"].shape)
+        if len(decay_shape) == 2 and decay_shape[1] > 1:  # the package's 5.2 rule: a decay per channel
+            sizes["head_size"] = int(decay_shape[1])
+        elif len(decay_shape) == 1:  # the 5.0/5.1 previews: one decay per head
+            if sizes["dim_att"] % decay_shape[0]:
+                raise CheckpointError(f"blocks.0.att.time_decay has {decay_shape[0]} heads, which do not divide "
+                                      f"dim_att={sizes['dim_att']}")
+            sizes["head_size"] = sizes["dim_att"] // int(decay_shape[0])
+            sizes["v5_variant"] = "5.1" if "blocks.0.att.gate.weight" in keys else "5.0"
+            sizes["v5_log_bonus"] = "blocks.0.att.time_first" in keys
+        else:
+            raise CheckpointError(f"blocks.0.att.time_decay has shape {decay_shape}: neither RWKV-5.2 (H, N) "
+                                  "nor a 5.0/5.1 preview (H,)")
     else:
         _require(tensors, "blocks.0.att.time_first", "blocks.0.att.time_decay")
         if "blocks.0.att.time_mix" in keys:
@@ -268,9 +286,6 @@ def infer_config(tensors: Mapping[str, np.ndarray], **overrides: Any) -> RWKVCon
             sizes["head_qk"] = _head_qk(tensors)
             if COPY_MASK in keys:
                 sizes["ctx_len"] = int(tensors[COPY_MASK].shape[0])
-    state_keys = sorted(k for k in keys if k.endswith(".time_state"))
-    if state_keys:
-        raise CheckpointError(f"state-tuned checkpoints (keys {state_keys[:3]}...) are not supported yet")
     return _make_config(tensors, version, sizes, overrides)
 
 
@@ -301,30 +316,54 @@ def _make_config(tensors: Mapping[str, np.ndarray], version: int, sizes: dict[st
         raise CheckpointError(f"checkpoint shapes give an invalid config: {error}") from error
 
 
+def split_time_state(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """`(parameters, time_state tensors)`: a state-tuned model's `blocks.{l}.att.time_state` apart."""
+    params = {k: v for k, v in tensors.items() if not k.endswith("." + TIME_STATE)}
+    return params, {k: v for k, v in tensors.items() if k not in params}
+
+
 def load_pth(path: str | os.PathLike, **config_overrides: Any) -> tuple[RWKVConfig, Params]:
     """Load an official BlinkDL `.pth` without torch; the config is inferred from the file.
 
     Returns `(cfg, params)`; parameters keep the file's dtype (bf16 files stay bf16; the model
-    computes in `cfg.dtype`). Raises `PthError` for unreadable or unsafe files (including the
-    pickled whole modules of the official RWKV-1 trainer: see the module docstring) and
-    `CheckpointError` for files that are not a consistent RWKV-1..7 state_dict.
+    computes in `cfg.dtype`). A state-tuned model's `time_state` tensors are an initial state,
+    not parameters: they are skipped here and read by `rwkv_jax.io.state_files.load_state_pth`.
+    Raises `PthError` for unreadable or unsafe files (including the pickled whole modules of the
+    official RWKV-1 trainer: see the module docstring) and `CheckpointError` for files that are
+    not a consistent RWKV-1..7 state_dict.
     """
-    tensors = read_pth(path)
+    tensors, _ = split_time_state(read_pth(path))
     cfg = infer_config(tensors, **config_overrides)
     return cfg, params_from_official(cfg, tensors)
 
 
-def save_pth(path: str | os.PathLike, cfg: RWKVConfig, params: Params) -> None:
-    """Write an official-format `.pth` state_dict (loadable by `torch.load(weights_only=True)`
-    and, for v4-v7, by the `rwkv` package), keeping each parameter's dtype."""
+def checked_official(cfg: RWKVConfig, params: Params) -> dict[str, np.ndarray]:
+    """`params_to_official` in official key order, after checking every key and shape against `cfg`."""
     official = params_to_official(cfg, params)
     expected = expected_official_shapes(cfg)
     mismatched = [k for k, v in official.items() if expected.get(k) != tuple(v.shape)]
     if mismatched or set(official) != set(expected):
         raise CheckpointError(f"parameters do not match the RWKV-{cfg.version} config: "
                               f"{sorted(mismatched) or sorted(set(official) ^ set(expected))}")
-    write_pth(path, {key: official[key] for key in official_order(cfg, official)})
+    return {key: official[key] for key in official_order(cfg, official)}
 
 
-__all__ = ["CheckpointError", "PthError", "infer_config", "load_pth", "params_from_official",
-           "params_to_official", "save_pth", "expected_official_shapes"]
+def save_pth(path: str | os.PathLike, cfg: RWKVConfig, params: Params, state: Mapping[str, Any] | None = None
+             ) -> None:
+    """Write an official-format `.pth` state_dict (loadable by `torch.load(weights_only=True)`
+    and, for v4-v7, by the `rwkv` package), keeping each parameter's dtype.
+
+    With `state` (v5-v7), batch element 0's WKV state is stored as `blocks.{l}.att.time_state`, as
+    in a state-tuned model: the package (v5/v6) then starts every sequence from it.
+    """
+    official = checked_official(cfg, params)
+    if state is not None:
+        from rwkv_jax.io.state_files import time_state_tensors  # local: state_files imports this module
+
+        official.update(time_state_tensors(cfg, state))
+        official = {key: official[key] for key in official_order(cfg, official)}
+    write_pth(path, official)
+
+
+__all__ = ["CheckpointError", "PthError", "checked_official", "infer_config", "load_pth", "params_from_official",
+           "params_to_official", "save_pth", "split_time_state", "expected_official_shapes"]

@@ -1,5 +1,6 @@
-"""RWKV-5.2 "Eagle" time mix (spec §7): lerp token shift, matrix-state WKV with per-channel
-constant decay and bonus, per-head GroupNorm, SiLU gate."""
+"""RWKV-5 "Eagle" time mix (spec §7): lerp token shift, matrix-state WKV with constant decay and
+bonus, per-head GroupNorm, SiLU gate. 5.2 has a decay and bonus per channel; the 5.0/5.1 previews
+have one per head (broadcast over the head's N key channels here) and 5.0 has no gate."""
 
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ def bonus_init(layer: Array, cfg: RWKVConfig) -> Array:
     channel = jnp.arange(cfg.dim_att, dtype=jnp.float32)
     tmp = r0 * (1 - channel / max(cfg.dim_att - 1, 1)) + ((channel + 1) % 3 - 1) * 0.1
     return tmp.reshape(cfg.n_head, cfg.head_size)
+
+
+def preview_decay_and_bonus(layer: Array, cfg: RWKVConfig) -> tuple[Array, Array]:
+    """5.0/5.1 preview init, per head: decay -6 + 5 (h/(H-1))^(0.7 + 1.3 r0); bonus r0 (1 - h/(H-1))
+    stored raw (`time_faaaa`) or -3 stored as its log (`time_first`, `cfg.v5_log_bonus`)."""
+    r0, _ = layer_ratios(layer, cfg.n_layer)
+    h = jnp.arange(cfg.n_head, dtype=jnp.float32) / max(cfg.n_head - 1, 1)
+    bonus = jnp.full_like(h, -3.0) if cfg.v5_log_bonus else r0 * (1 - h)
+    return -6 + 5 * h ** (0.7 + 1.3 * r0), bonus
 
 
 def ln_x_scale(layer: Array, cfg: RWKVConfig) -> nn.initializers.Initializer:
@@ -65,18 +75,29 @@ class TimeMix5(nn.Module):
         C, A, H, N, dt = cfg.n_embd, cfg.dim_att, cfg.n_head, cfg.head_size, cfg.params_dtype
         r0, r1 = layer_ratios(layer, cfg.n_layer)
         ddd = channel_ratio(C)
+        gated = cfg.v5_variant != "5.0"
         mixes = {"k": ddd**r1, "v": ddd**r1 + 0.3 * r0, "r": ddd ** (0.5 * r1), "g": ddd ** (0.5 * r1)}
         mix = {name: self.param(f"time_mix_{name}", constant(lambda m=m: m), (1, 1, C), dt).astype(x.dtype)
-               for name, m in mixes.items()}
-        time_decay = self.param("time_decay", constant(lambda: decay_speed(layer, cfg).reshape(H, N)), (H, N), dt)
-        time_faaaa = self.param("time_faaaa", constant(lambda: bonus_init(layer, cfg)), (H, N), dt)
+               for name, m in mixes.items() if gated or name != "g"}
+        if cfg.v5_variant == "5.2":
+            time_decay = self.param("time_decay", constant(lambda: decay_speed(layer, cfg).reshape(H, N)), (H, N), dt)
+            u = self.param("time_faaaa", constant(lambda: bonus_init(layer, cfg)), (H, N), dt)
+        else:  # one decay and bonus per head, the same for the head's N key channels
+            time_decay = self.param("time_decay", constant(lambda: preview_decay_and_bonus(layer, cfg)[0]), (H,), dt)
+            bonus = self.param("time_first" if cfg.v5_log_bonus else "time_faaaa",
+                               constant(lambda: preview_decay_and_bonus(layer, cfg)[1]), (H,), dt)
+            bonus = jnp.exp(bonus.astype(jnp.float32)) if cfg.v5_log_bonus else bonus
+            time_decay, u = time_decay[:, None], jnp.broadcast_to(bonus[:, None], (H, N))
 
         prev = token_shift(x, state["att_x"])
         r = linear(cfg, A, "receptance", orthogonal(1.0))(lerp_mix(x, prev, mix["r"]))
         k = linear(cfg, A, "key", orthogonal(0.1))(lerp_mix(x, prev, mix["k"]))
         v = linear(cfg, A, "value", orthogonal(1.0))(lerp_mix(x, prev, mix["v"]))
-        g = jax.nn.silu(linear(cfg, A, "gate", orthogonal(0.1))(lerp_mix(x, prev, mix["g"])))
+        if gated:
+            g = jax.nn.silu(linear(cfg, A, "gate", orthogonal(0.1))(lerp_mix(x, prev, mix["g"])))
+        else:
+            g = jnp.ones((), x.dtype)
 
         logw = jnp.broadcast_to(-jnp.exp(time_decay.astype(jnp.float32)), (*x.shape[:2], H, N))
-        out, kv = diag_wkv_and_output(cfg, layer, r, logw, k, v, time_faaaa, g, state["att_kv"], x.dtype)
+        out, kv = diag_wkv_and_output(cfg, layer, r, logw, k, v, u, g, state["att_kv"], x.dtype)
         return out, {"att_x": x[:, -1], "att_kv": kv}, v_first
