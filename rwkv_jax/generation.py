@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Generator, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model import RWKV
+from rwkv_jax.layers import layer_norm, linear, orthogonal
+from rwkv_jax.model import RWKV, Block
 from rwkv_jax.state import State, init_state
 
 Array = jax.Array
@@ -55,7 +56,8 @@ def generate(model_or_cfg: RWKV | RWKVConfig, params: Params, prompts: Sequence[
              max_new_tokens: int, key: Array | None = None, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
              penalty_decay: float = 0.996, penalty_exempt: Sequence[int] = (), stop_tokens: Sequence[int] = (),
-             prefill_chunk: int | None = None, state: State | None = None) -> GenerationResult:
+             banned_tokens: Sequence[int] = (), prefill_chunk: int | None = None, state: State | None = None
+             ) -> GenerationResult:
     """Continue every prompt by up to `max_new_tokens` tokens, in one batch.
 
     Args:
@@ -71,20 +73,33 @@ def generate(model_or_cfg: RWKV | RWKVConfig, params: Params, prompts: Sequence[
         grows by 1 (by 0 for ids in `penalty_exempt`, which still get the presence penalty;
         `official_penalty_exempt(tokenizer)` lists the ids the official pipeline exempts).
       stop_tokens: sampling one ends that row; the other rows go on.
+      banned_tokens: never sampled (the official `token_ban`; chat demos ban 0, end of text).
       prefill_chunk: the longest piece a prompt is fed in (None: no limit; see `prefill`). The
         parallel call materialises [rows, tokens, V] logits, so this bounds prefill memory.
       state: [.., B, ..] initial state (None: zeros), e.g. a previous result's `state`.
 
-    The loop runs on device (`lax.while_loop` over `RWKV.step`), ends when every row stopped,
-    and compiles once per config, batch size, `max_new_tokens` and set of enabled samplers.
+    The loop runs on device (`lax.while_loop` over the one-token step), ends when every row
+    stopped, and compiles once per config, batch size, `max_new_tokens` and set of enabled samplers.
     """
+    logits, state = prefill(model_or_cfg, params, prompts, state=state, chunk=prefill_chunk)
+    return decode(model_or_cfg, params, logits, state, max_new_tokens=max_new_tokens, key=key,
+                  temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
+                  frequency_penalty=frequency_penalty, penalty_decay=penalty_decay, penalty_exempt=penalty_exempt,
+                  stop_tokens=stop_tokens, banned_tokens=banned_tokens)
+
+
+def decode(model_or_cfg: RWKV | RWKVConfig, params: Params, logits: Array, state: State, *, max_new_tokens: int,
+           key: Array | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           presence_penalty: float = 0.0, frequency_penalty: float = 0.0, penalty_decay: float = 0.996,
+           penalty_exempt: Sequence[int] = (), stop_tokens: Sequence[int] = (), banned_tokens: Sequence[int] = ()
+           ) -> GenerationResult:
+    """The decoding half of `generate`: sample from `logits [B, V]` (the next-token logits at
+    `state`, as `prefill` returns them) and go on from `state`; sampler arguments as `generate`."""
     cfg = _config(model_or_cfg)
-    sampler = _Sampler.create(cfg.vocab_size, key, temperature, top_k, top_p, presence_penalty,
-                              frequency_penalty, penalty_decay, penalty_exempt, stop_tokens)
-    logits, state = prefill(cfg, params, prompts, state=state, chunk=prefill_chunk)
+    sampler = _Sampler.create(cfg.vocab_size, key, temperature, top_k, top_p, presence_penalty, frequency_penalty,
+                              penalty_decay, penalty_exempt, stop_tokens, banned_tokens)
     carry = _start(logits, state, max_new_tokens)
-    carry = _decode_jit(cfg, params, carry, sampler.key, sampler.stop_tokens, sampler.weights, sampler.knobs,
-                        modes=sampler.modes, loop=True)
+    carry = _decode_jit(cfg, step_params(cfg, params), carry, sampler.arrays, modes=sampler.modes, loop=True)
     return _result(carry)
 
 
@@ -92,26 +107,51 @@ def iter_generate(model_or_cfg: RWKV | RWKVConfig, params: Params, prompt: Seque
                   max_new_tokens: int, key: Array | None = None, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                   penalty_decay: float = 0.996, penalty_exempt: Sequence[int] = (), stop_tokens: Sequence[int] = (),
-                  prefill_chunk: int | None = None, state: State | None = None
-                  ) -> Generator[int, None, GenerationResult]:
+                  banned_tokens: Sequence[int] = (), prefill_chunk: int | None = None, state: State | None = None
+                  ) -> TokenStream:
     """Stream one prompt's continuation token by token (arguments as `generate`).
 
     Each token is one call of the jitted step `generate` loops over, so with the same arguments
-    it yields the tokens `generate` returns for `[prompt]`; the generator's return value (`StopIteration.value`, or the value of `yield from`) is the GenerationResult.
+    it yields the tokens `generate` returns for `[prompt]`. The returned `TokenStream` is an
+    iterator of ids; its `result` is the GenerationResult so far, so a caller may stop early (on
+    a text condition, say) and still continue from `stream.result.state`.
     """
     cfg = _config(model_or_cfg)
-    sampler = _Sampler.create(cfg.vocab_size, key, temperature, top_k, top_p, presence_penalty,
-                              frequency_penalty, penalty_decay, penalty_exempt, stop_tokens)
+    sampler = _Sampler.create(cfg.vocab_size, key, temperature, top_k, top_p, presence_penalty, frequency_penalty,
+                              penalty_decay, penalty_exempt, stop_tokens, banned_tokens)
     logits, state = prefill(cfg, params, [prompt], state=state, chunk=prefill_chunk)
-    carry = _start(logits, state, max_new_tokens)
-    for t in range(max_new_tokens):
-        carry = _decode_jit(cfg, params, carry, sampler.key, sampler.stop_tokens, sampler.weights,
-                            sampler.knobs, modes=sampler.modes, loop=False)
-        token = int(carry.tokens[0, t])
-        if token == PAD:
-            break
-        yield token
-    return _result(carry)
+    return TokenStream(cfg, step_params(cfg, params), _start(logits, state, max_new_tokens), sampler)
+
+
+class TokenStream:
+    """The iterator `iter_generate` returns: yields one prompt's new token ids as they are sampled.
+
+    `result` is the GenerationResult of the tokens yielded so far (its `state` has them all
+    fed); when the stream ends its StopIteration carries the final result as `value` (so
+    `result = yield from stream` works in a generator).
+    """
+
+    def __init__(self, cfg: RWKVConfig, params_for_step: Any, carry: _Carry, sampler: _Sampler) -> None:
+        self._cfg, self._params, self._carry, self._sampler = cfg, params_for_step, carry, sampler
+        self._finished = carry.tokens.shape[1] == 0
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> int:
+        if not self._finished:
+            t = int(self._carry.t)
+            self._carry = _decode_jit(self._cfg, self._params, self._carry, self._sampler.arrays,
+                                      modes=self._sampler.modes, loop=False)
+            token = int(self._carry.tokens[0, t])
+            self._finished = token == PAD or t + 1 == self._carry.tokens.shape[1]
+            if token != PAD:
+                return token
+        raise StopIteration(self.result)
+
+    @property
+    def result(self) -> GenerationResult:
+        return _result(self._carry)
 
 
 def prefill(model_or_cfg: RWKV | RWKVConfig, params: Params, prompts: Sequence[Sequence[int]], *,
@@ -213,6 +253,16 @@ class _Knobs(NamedTuple):
     decay: Array
 
 
+class _SamplerArrays(NamedTuple):
+    """Everything the sampler reads on device."""
+
+    key: Array
+    knobs: _Knobs
+    stop_tokens: Array  # [S] int32, -1 where unused
+    weights: Array  # [V] float32: occurrence increment per token
+    bias: Array  # [V] float32: -inf for banned tokens, else 0
+
+
 class _Modes(NamedTuple):
     """Which sampler stages run; static (each combination compiles once)."""
 
@@ -235,16 +285,13 @@ class _Carry(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _Sampler:
-    key: Array
-    knobs: _Knobs
+    arrays: _SamplerArrays
     modes: _Modes
-    stop_tokens: Array  # [S] int32, -1 where unused
-    weights: Array  # [V] float32: occurrence increment per token
 
     @classmethod
     def create(cls, V: int, key: Array | None, temperature: float, top_k: int, top_p: float,
                presence: float, frequency: float, decay: float, exempt: Sequence[int],
-               stop_tokens: Sequence[int]) -> _Sampler:
+               stop_tokens: Sequence[int], banned: Sequence[int] = ()) -> _Sampler:
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if int(top_k) != top_k or top_k < 0:
@@ -254,9 +301,13 @@ class _Sampler:
         greedy = temperature == 0
         if key is None and not greedy:
             raise ValueError("sampling (temperature > 0) needs a PRNG key")
-        _check_ids(V, [stop_tokens, exempt], allow_empty=True)
+        _check_ids(V, [stop_tokens, exempt, banned], allow_empty=True)
+        if len(set(banned)) >= V:
+            raise ValueError("every token is banned: nothing could be sampled")
         weights = np.ones(V, np.float32)
         weights[list(exempt)] = 0.0
+        bias = np.zeros(V, np.float32)
+        bias[list(banned)] = -np.inf
         knobs = _Knobs(*(jnp.asarray(value, dtype) for value, dtype in (
             (temperature, jnp.float32), (top_k, jnp.int32), (top_p, jnp.float32), (presence, jnp.float32),
             (frequency, jnp.float32), (decay, jnp.float32))))
@@ -265,14 +316,16 @@ class _Sampler:
         # Padded with -1 (never sampled) to a multiple of 8, so changing them rarely recompiles.
         stop = np.full(max(8, -(-len(stop_tokens) // 8) * 8), -1, np.int32)
         stop[:len(stop_tokens)] = list(stop_tokens)
-        return cls(key=jax.random.key(0) if key is None else key, knobs=knobs, modes=modes,
-                   stop_tokens=jnp.asarray(stop), weights=jnp.asarray(weights))
+        arrays = _SamplerArrays(key=jax.random.key(0) if key is None else key, knobs=knobs,
+                                stop_tokens=jnp.asarray(stop), weights=jnp.asarray(weights), bias=jnp.asarray(bias))
+        return cls(arrays=arrays, modes=modes)
 
 
-def _decode_step(step_fn: StepFn, batch_axes: dict[str, int], carry: _Carry, key: Array, stop_tokens: Array,
-                 weights: Array, knobs: _Knobs, modes: _Modes) -> _Carry:
+def _decode_step(step_fn: StepFn, batch_axes: dict[str, int], carry: _Carry, sampler: _SamplerArrays,
+                 modes: _Modes) -> _Carry:
     """Sample one token per row, record it, and feed it to the rows that did not stop."""
-    logits = carry.logits
+    knobs = sampler.knobs
+    logits = carry.logits + sampler.bias
     if modes.penalty:
         logits = apply_penalty(logits, carry.seen, carry.occurrence, knobs.presence, knobs.frequency)
     if modes.greedy:
@@ -280,9 +333,9 @@ def _decode_step(step_fn: StepFn, batch_axes: dict[str, int], carry: _Carry, key
     else:
         if modes.filter:
             logits = filter_logits(logits, knobs.top_k, knobs.top_p)
-        token = jax.random.categorical(jax.random.fold_in(key, carry.t), logits / knobs.temperature, axis=-1)
+        token = jax.random.categorical(jax.random.fold_in(sampler.key, carry.t), logits / knobs.temperature, axis=-1)
     token = token.astype(jnp.int32)
-    emitted = ~carry.done & ~jnp.any(token[:, None] == stop_tokens[None, :], axis=-1)
+    emitted = ~carry.done & ~jnp.any(token[:, None] == sampler.stop_tokens[None, :], axis=-1)
     tokens = carry.tokens.at[:, carry.t].set(jnp.where(emitted, token, PAD))
     # Every row steps (one batched call); rows that did not emit keep their state and logits.
     new_logits, new_state = step_fn(token, carry.state)
@@ -291,29 +344,82 @@ def _decode_step(step_fn: StepFn, batch_axes: dict[str, int], carry: _Carry, key
     logits = jnp.where(emitted[:, None], new_logits, carry.logits)
     seen, occurrence = carry.seen, carry.occurrence
     if modes.penalty:
-        seen, occurrence = update_occurrence(seen, occurrence, token, emitted, knobs.decay, weights)
+        seen, occurrence = update_occurrence(seen, occurrence, token, emitted, knobs.decay, sampler.weights)
     return _Carry(carry.t + 1, tokens, ~emitted, state, logits, seen, occurrence)
 
 
-def _decode_loop(step_fn: StepFn, batch_axes: dict[str, int], carry: _Carry, key: Array, stop_tokens: Array,
-                 weights: Array, knobs: _Knobs, modes: _Modes) -> _Carry:
+def _decode_loop(step_fn: StepFn, batch_axes: dict[str, int], carry: _Carry, sampler: _SamplerArrays,
+                 modes: _Modes) -> _Carry:
     """`_decode_step` until `carry.tokens` is full or every row stopped."""
     max_new_tokens = carry.tokens.shape[1]
     return jax.lax.while_loop(
         lambda c: (c.t < max_new_tokens) & ~jnp.all(c.done),
-        lambda c: _decode_step(step_fn, batch_axes, c, key, stop_tokens, weights, knobs, modes), carry)
+        lambda c: _decode_step(step_fn, batch_axes, c, sampler, modes), carry)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "modes", "loop"))
-def _decode_jit(cfg: RWKVConfig, params: Params, carry: _Carry, key: Array, stop_tokens: Array, weights: Array,
-                knobs: _Knobs, *, modes: _Modes, loop: bool) -> _Carry:
-    model = RWKV(cfg)
-
-    def step_fn(token: Array, state: State) -> tuple[Array, State]:
-        return model.apply({"params": params}, token, state, method=RWKV.step)
-
+def _decode_jit(cfg: RWKVConfig, params_for_step: Any, carry: _Carry, sampler: _SamplerArrays, *, modes: _Modes,
+                loop: bool) -> _Carry:
     run = _decode_loop if loop else _decode_step
-    return run(step_fn, _batch_axes(cfg), carry, key, stop_tokens, weights, knobs, modes)
+    return run(step_function(cfg, params_for_step), _batch_axes(cfg), carry, sampler, modes)
+
+
+# ----------------------------------------------------------------------------- the one-token step
+
+# The top-level parameters of RWKV-4..7 around the layer stack `blocks`.
+_TOP_LEVEL = frozenset({"emb", "ln0", "ln_out", "head"})
+
+
+def _layerwise(cfg: RWKVConfig, params: Params) -> bool:
+    return cfg.version >= 4 and set(params) == _TOP_LEVEL | {"blocks"}
+
+
+def step_params(cfg: RWKVConfig, params: Params) -> Any:
+    """The parameters in the form `step_function` takes.
+
+    For RWKV-4..7 that is `(top-level params, [one tree per layer])`: `RWKV.step` scans over the
+    stacked layer weights, and XLA then copies every layer's matrices out of the stack on each
+    token (a dynamic slice feeding a dot is materialised on CPU), which made decoding ~2x slower
+    than reading the weights once. Split once here, a step reads each weight in place. RWKV-1..3
+    (position-dependent pieces, copy head) keep the stacked params and `RWKV.step`.
+    """
+    if not _layerwise(cfg, params):
+        return params
+    top = {name: value for name, value in params.items() if name != "blocks"}
+    return top, _split_layers(params["blocks"], cfg.n_layer)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _split_layers(blocks: Params, n_layer: int) -> list[Params]:
+    return [jax.tree.map(lambda stacked: stacked[layer], blocks) for layer in range(n_layer)]
+
+
+def step_function(cfg: RWKVConfig, params_for_step: Any) -> StepFn:
+    """`(token [B], state) -> (logits [B, V] float32, state)`: `RWKV.step` for the parameters of
+    `step_params`. For RWKV-4..7 the same modules the model is built from (embedding, ln0, the
+    layer `Block`, ln_out, head) run in a Python loop over the layers, so the result is exactly
+    `RWKV.step`'s (tests/test_generate.py checks this)."""
+    if not isinstance(params_for_step, tuple):
+        model = RWKV(cfg)
+        return lambda token, state: model.apply({"params": params_for_step}, token, state, method=RWKV.step)
+    top, layers = params_for_step
+
+    def step(token: Array, state: State) -> tuple[Array, State]:
+        x = jnp.take(top["emb"]["embedding"], token[:, None], axis=0).astype(cfg.compute_dtype)
+        x = layer_norm(cfg, "ln0").apply({"params": top["ln0"]}, x)
+        v_first = jnp.zeros_like(x) if cfg.version == 7 else jnp.zeros((), x.dtype)
+        new_state = {name: [] for name in state}
+        for layer, layer_params in enumerate(layers):
+            layer_state = {name: value[layer] for name, value in state.items()}
+            (x, v_first), layer_state = Block(cfg).apply({"params": layer_params}, (x, v_first),
+                                                         (jnp.int32(layer), layer_state), (None, None))
+            for name, value in layer_state.items():
+                new_state[name].append(value)
+        h = layer_norm(cfg, "ln_out").apply({"params": top["ln_out"]}, x)
+        logits = linear(cfg, cfg.vocab_size, "head", orthogonal(1.0)).apply({"params": top["head"]}, h)
+        return logits[:, 0].astype(jnp.float32), {name: jnp.stack(values) for name, values in new_state.items()}
+
+    return step
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

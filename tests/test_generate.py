@@ -136,6 +136,43 @@ def test_iter_generate_streams_what_generate_returns():
     assert_states_close(result.state, {k: v[:, :1] for k, v in expected.state.items()})
 
 
+@pytest.mark.parametrize("version", [4, 5, 6, 7])
+def test_layerwise_decoding_step_equals_the_model_step(version):
+    """The decode loop's step (one tree per layer, see `step_params`) is `RWKV.step` exactly."""
+    cfg, params = tiny(version)
+    _, state = prefill(cfg, params, [PROMPTS[0], PROMPTS[2]])
+    token = jnp.asarray([3, 90], jnp.int32)
+    layered = gen.step_params(cfg, params)
+    assert isinstance(layered, tuple)  # the fast path is the one under test
+    logits, new_state = jax.jit(lambda p, t, s: gen.step_function(cfg, p)(t, s))(layered, token, state)
+    expected_logits, expected_state = jax.jit(lambda t, s: rj.RWKV(cfg).apply({"params": params}, t, s,
+                                                                                method=rj.RWKV.step))(token, state)
+    # Not bit-identical: XLA fuses the unrolled layers differently from the scanned ones.
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    for name in expected_state:
+        np.testing.assert_allclose(new_state[name], expected_state[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_banned_tokens_are_never_sampled():
+    cfg, params = tiny(7)
+    free = generate(cfg, params, [PROMPTS[1]], max_new_tokens=N_NEW, temperature=0)
+    banned = sorted(set(free.tokens[0]))
+    out = generate(cfg, params, [PROMPTS[1]], max_new_tokens=N_NEW, temperature=0, banned_tokens=banned)
+    assert out.tokens[0][0] != free.tokens[0][0] and not set(out.tokens[0]) & set(banned)
+
+
+def test_a_stream_stopped_early_continues_from_its_result_state():
+    cfg, params = tiny(7)
+    whole = generate(cfg, params, [PROMPTS[1]], max_new_tokens=N_NEW, temperature=0)
+    stream = iter_generate(cfg, params, PROMPTS[1], max_new_tokens=N_NEW, temperature=0)
+    first = [next(stream), next(stream)]
+    early = stream.result
+    assert first == early.tokens[0] == whole.tokens[0][:2] and early.stopped == [False]
+    logits, state = run_tokens(7, PROMPTS[1] + first)
+    np.testing.assert_allclose(early.logits[0], logits, **TOL)
+    assert_states_close(early.state, state)
+
+
 def test_generate_rejects_bad_prompts_and_sampling_without_a_key():
     cfg, params = tiny(7)
     with pytest.raises(ValueError, match="at least one token"):
@@ -243,8 +280,7 @@ def test_penalised_greedy_decoding_matches_the_official_pipeline():
         def step(token, state):  # state {"last": [L=1, B]}
             return table_j[token % 8], {"last": token[None]}
 
-        loop = jax.jit(lambda carry: gen._decode_loop(step, {"last": 1}, carry, sampler.key, sampler.stop_tokens,
-                                                      sampler.weights, sampler.knobs, sampler.modes))
+        loop = jax.jit(lambda carry: gen._decode_loop(step, {"last": 1}, carry, sampler.arrays, sampler.modes))
         return np.asarray(loop(carry).tokens[0]).tolist()
 
     assert ours(gen.official_penalty_exempt(tokenizer)) == fed[len(prompt):]
