@@ -2,10 +2,12 @@
 
 ``wkv7_pallas`` has the signature and results of ``rwkv_jax.wkv.dplr.wkv7_parallel``: inputs
 ``[B, T, H, N]`` (bf16 or fp32), state ``[B, H, N, N]`` laid out ``[value, key]``, y and final state
-fp32. Both variants run the same chunk math (``pallas_kernels.dplr_chunk``): forward over chunks
-with the state on chip, chunk start states stored in fp32, and a ``jax.custom_vjp`` backward that
-recomputes each chunk from its stored start state and returns gradients for every input,
-including the initial state, with the final state's cotangent flowing in.
+fp32. Both variants run the same chunk math (``pallas_kernels.dplr_chunk``): the heavy in-chunk
+work in parallel over chunks, then a light sequential pass over chunks with the state on chip that
+stores every chunk's start state in fp32; the ``jax.custom_vjp`` backward runs the transposed
+sequential pass for the state cotangents and then recomputes each chunk, in parallel, from its
+stored start state, returning gradients for every input including the initial state, with the
+final state's cotangent flowing in.
 
 Decay precondition (as ``wkv7_parallel``): logw ≥ -0.6066, RWKV-7's own bound, keeps the centred
 in-chunk exponents within fp32 range at chunk 64.
@@ -101,20 +103,20 @@ def _wkv7_with_vjp(platform: str, chunk_size: int, interpret: bool, dtypes: tupl
         seq_len = r.shape[1]
         padded_len = -(-seq_len // chunk_size) * chunk_size
         tokens = tuple(to_kernel_layout(x, padded_len) for x in (r, logw, k, v, a, b))
-        y, final_state, chunk_states = kernels.forward(
+        y, final_state, kernel_residuals = kernels.forward(
             *tokens, state.astype(jnp.float32), **options
         )
-        return (from_kernel_layout(y, seq_len), final_state), (tokens, chunk_states)
+        return (from_kernel_layout(y, seq_len), final_state), (tokens, kernel_residuals)
 
     @jax.custom_vjp
     def wkv7(r, logw, k, v, a, b, state):
         return wkv7_fwd(r, logw, k, v, a, b, state)[0]
 
     def wkv7_bwd(residuals, cotangents):
-        tokens, chunk_states = residuals
+        tokens, kernel_residuals = residuals
         d_y, d_final_state = cotangents
         *d_tokens, d_state = kernels.backward(
-            *tokens, chunk_states, to_kernel_layout(d_y, tokens[0].shape[time_axis]),
+            *tokens, kernel_residuals, to_kernel_layout(d_y, tokens[0].shape[time_axis]),
             d_final_state.astype(jnp.float32), **options,
         )
         grads = [from_kernel_layout(d, d_y.shape[1]) for d in d_tokens] + [d_state]

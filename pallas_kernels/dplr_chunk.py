@@ -20,6 +20,15 @@ derivation), restricted to a single chunk with a known start state ``S0``:
 series of B̃. The backward recomputes all of this from the stored ``S0`` (never dividing by a
 decay) and applies the transposed steps by hand; the centre ``c`` is a constant for
 differentiation because the result does not depend on it.
+
+The kernels split the work so that everything heavy is parallel over chunks:
+
+1. ``chunk_summary`` (parallel): the state-independent parts Za = (I-B̃)⁻¹ Xa, Zv = (I-B̃)⁻¹ K̃ V,
+   Q = Xr + Rb Za and Y_intra = Rb Zv + Rk V, so that SA = Za S0ᵀ + Zv and Y = Q S0ᵀ + Y_intra.
+2. ``chunk_state_step`` (sequential over chunks, light): y and the end state from S0.
+3. ``chunk_cotangent_step`` (sequential, reverse, light): the transposed map,
+   dS0 = dS_end ⊙ e^{λ_L} + (dS_end Bdᵀ) Za + dYᵀ Q.
+4. ``chunk_backward`` (parallel): all input gradients of a chunk from its S0 and dS_end.
 """
 
 from __future__ import annotations
@@ -191,44 +200,21 @@ def _pairwise(ops: ChunkOps, f: _ChunkFactors, block: int) -> _PairwiseMatrices:
     )
 
 
-def chunk_forward(
-    ops: ChunkOps, block: int, r, logw, k, v, a, b, state
-) -> tuple[jax.Array, jax.Array]:
-    """One chunk of the recurrence.
+def chunk_backward(
+    ops: ChunkOps, block: int, r, logw, k, v, a, b, state, d_y, d_end_state
+) -> tuple[jax.Array, ...]:
+    """Gradients of a chunk's token inputs, recomputed from its start state.
 
     Args:
       ops: backend matmul/cumsum strategy.
       block: diagonal block size of the substitution (divides L).
       r, logw, k, v, a, b: ``[L, N]`` fp32.
       state: ``[N, N]`` fp32 start state, ``[value, key]``.
-
-    Returns:
-      ``(y [L, N], end_state [N, N])``, fp32.
-    """
-    f = _factors(ops, r, logw, k, a, b)
-    m = _pairwise(ops, f, block)
-    rhs = ops.mm_nt(f.a_from_start, state) + ops.mm(m.k_tilde, v)
-    state_times_a = ops.mm(m.solve, rhs)  # row t: S_{t-1} a_t
-    y = ops.mm_nt(f.r_from_start, state) + ops.mm(m.r_b, state_times_a) + ops.mm(m.r_k, v)
-    end_state = (
-        state * f.decay_last
-        + ops.mm_tn(state_times_a, f.b_to_end)
-        + ops.mm_tn(v, f.k_to_end)
-    )
-    return y, end_state
-
-
-def chunk_backward(
-    ops: ChunkOps, block: int, r, logw, k, v, a, b, state, d_y, d_end_state
-) -> tuple[jax.Array, ...]:
-    """Vector-Jacobian product of ``chunk_forward`` (recomputed from the start state).
-
-    Args:
-      ops, block, r, logw, k, v, a, b, state: as ``chunk_forward``.
       d_y: ``[L, N]`` cotangent of y; d_end_state: ``[N, N]`` cotangent of the end state.
 
     Returns:
-      ``(d_r, d_logw, d_k, d_v, d_a, d_b, d_state)``: ``[L, N]`` each and ``[N, N]``, fp32.
+      ``(d_r, d_logw, d_k, d_v, d_a, d_b)``, ``[L, N]`` fp32 each (the start state's cotangent is
+      ``chunk_cotangent_step``'s job).
     """
     f = _factors(ops, r, logw, k, a, b)
     m = _pairwise(ops, f, block)
@@ -239,7 +225,6 @@ def chunk_backward(
     lower = _lower_mask(length, strict=False)
 
     # end_state = S0 ⊙ e^{λ_L} + SAᵀ Bd + Vᵀ Kd
-    d_state = d_end_state * f.decay_last
     d_log_decay_last = jnp.sum(d_end_state * state, axis=0, keepdims=True) * f.decay_last
     d_state_times_a = ops.mm_nt(f.b_to_end, d_end_state)
     d_b_to_end = ops.mm(state_times_a, d_end_state)
@@ -248,7 +233,6 @@ def chunk_backward(
 
     # y = Xr S0ᵀ + Rb SA + Rk V
     d_r_from_start = ops.mm(d_y, state)
-    d_state = d_state + ops.mm_tn(d_y, f.r_from_start)
     d_r_b = jnp.where(lower, ops.mm_nt(d_y, state_times_a), 0.0)
     d_state_times_a = d_state_times_a + ops.mm_tn(m.r_b, d_y)
     d_r_k = jnp.where(lower, ops.mm_nt(d_y, v), 0.0)
@@ -259,7 +243,6 @@ def chunk_backward(
     d_b_tilde = jnp.where(strict, ops.mm_nt(d_rhs, state_times_a), 0.0)
     # rhs = Xa S0ᵀ + K̃ V
     d_a_from_start = ops.mm(d_rhs, state)
-    d_state = d_state + ops.mm_tn(d_rhs, f.a_from_start)
     d_k_tilde = jnp.where(strict, ops.mm_nt(d_rhs, v), 0.0)
     d_v = d_v + ops.mm_tn(m.k_tilde, d_rhs)
 
@@ -293,4 +276,59 @@ def chunk_backward(
     d_log_decay_last = d_log_decay_last + jnp.sum(to_end_terms, axis=0, keepdims=True)
     # λ_t sums logw_s over s ≤ t, λ⁻_t over s < t, λ_L over every s.
     d_logw = ops.reverse_cumsum(d_incl + d_excl) - d_excl + d_log_decay_last
-    return d_r, d_logw, d_k, d_v, d_a, d_b, d_state
+    return d_r, d_logw, d_k, d_v, d_a, d_b
+
+
+class ChunkSummary(NamedTuple):
+    """State-independent parts of one chunk, ``[L, N]`` fp32 each (see the module docstring)."""
+
+    a_solved: jax.Array  # Za = (I - B̃)⁻¹ Xa, [L, N(key)]
+    v_solved: jax.Array  # Zv = (I - B̃)⁻¹ K̃ V, [L, N(value)]
+    r_read: jax.Array  # Q = Xr + Rb Za, [L, N(key)]
+    y_intra: jax.Array  # Rb Zv + Rk V, [L, N(value)]
+
+
+def chunk_summary(ops: ChunkOps, block: int, r, logw, k, v, a, b) -> ChunkSummary:
+    """The parts of a chunk that do not depend on its start state (inputs ``[L, N]`` fp32)."""
+    f = _factors(ops, r, logw, k, a, b)
+    m = _pairwise(ops, f, block)
+    a_solved = ops.mm(m.solve, f.a_from_start)
+    v_solved = ops.mm(m.solve, ops.mm(m.k_tilde, v))
+    return ChunkSummary(
+        a_solved=a_solved,
+        v_solved=v_solved,
+        r_read=f.r_from_start + ops.mm(m.r_b, a_solved),
+        y_intra=ops.mm(m.r_b, v_solved) + ops.mm(m.r_k, v),
+    )
+
+
+def _decays_to_end(ops: ChunkOps, logw: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(e^{λ_L - λ_t} [L, N], e^{λ_L} [1, N])``."""
+    log_decay_incl = ops.cumsum(logw)
+    log_decay_last = _row(log_decay_incl, logw.shape[0] - 1)
+    return jnp.exp(log_decay_last - log_decay_incl), jnp.exp(log_decay_last)
+
+
+def chunk_state_step(
+    ops: ChunkOps, logw, k, v, b, summary: ChunkSummary, state
+) -> tuple[jax.Array, jax.Array]:
+    """``(y [L, N], end_state [N, N])`` of a chunk from its summary and start state ``[N, N]``."""
+    decay_to_end, decay_last = _decays_to_end(ops, logw)
+    state_times_a = ops.mm_nt(summary.a_solved, state) + summary.v_solved
+    y = ops.mm_nt(summary.r_read, state) + summary.y_intra
+    end_state = (
+        state * decay_last
+        + ops.mm_tn(state_times_a, b * decay_to_end)
+        + ops.mm_tn(v, k * decay_to_end)
+    )
+    return y, end_state
+
+
+def chunk_cotangent_step(ops: ChunkOps, logw, b, a_solved, r_read, d_y, d_end_state) -> jax.Array:
+    """Cotangent ``[N, N]`` of a chunk's start state from that of its end state and ``d_y``."""
+    decay_to_end, decay_last = _decays_to_end(ops, logw)
+    return (
+        d_end_state * decay_last
+        + ops.mm(ops.mm_nt(d_end_state, b * decay_to_end), a_solved)
+        + ops.mm_tn(d_y, r_read)
+    )

@@ -1,11 +1,19 @@
 """RWKV-7 kernels for GPUs through Pallas' Triton lowering.
 
-One program per (batch, head) walks its chunks in order with the ``[N, N]`` fp32 state in
-registers (``fori_loop`` carry); inputs stay in their ``[B, T, H, N]`` HBM layout and are read
-chunk by chunk as strided ``[L, N]`` tiles, so no transpose or upcast pass is spent outside the
-kernel. The forward stores each chunk's start state (fp32, ``[B, H, T/L, N, N]``); the backward
-walks the chunks in reverse, recomputes each chunk from its stored start state and carries the
-state cotangent in registers.
+Four kernels (see ``dplr_chunk`` for the math), all reading the ``[B, T, H, N]`` HBM layout
+directly as strided ``[L, N]`` tiles, so no transpose or upcast pass is spent outside them:
+
+* summary   grid (B, H, T/L), parallel: the heavy in-chunk work (pairwise matrices, blocked
+  substitution) -> Za, Zv, Q, Y_intra, fp32 ``[B, T, H, N]`` each.
+* states    grid (B, H), a loop over chunks with the fp32 ``[N, N]`` state in registers: y, the
+  final state and every chunk's start state (``[B, H, T/L, N, N]``, kept for the backward).
+* cotangents grid (B, H), the same loop in reverse for the state cotangent: every chunk's end
+  cotangent and the initial state's.
+* gradients grid (B, H, T/L), parallel: each chunk's input gradients, recomputed from its stored
+  start state and end cotangent.
+
+The sequential kernels only do a few ``[L, N] x [N, N]`` products per chunk; the parallel ones
+give the GPU B·H·T/L independent programs.
 
 Matmul precision: on the device every dot runs as TF32x3 (three tensor-core passes, ≈ fp32
 accuracy); in interpret mode on CPU, where that algorithm does not exist, as fp32 (``HIGHEST``).
@@ -20,7 +28,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.dplr_chunk import ChunkOps, chunk_backward, chunk_forward
+from pallas_kernels.dplr_chunk import (
+    ChunkOps,
+    ChunkSummary,
+    chunk_backward,
+    chunk_cotangent_step,
+    chunk_state_step,
+    chunk_summary,
+)
 
 _F32 = jnp.float32
 
@@ -32,24 +47,38 @@ def _ops(interpret: bool) -> ChunkOps:
     return ChunkOps(precision=precision, native_cumsum=True)
 
 
-def _compiler_params(chunk_size: int) -> plgpu.CompilerParams:
-    # Larger chunks hold more [L, L] and [L, N] tiles live at once; more warps spread them.
-    return plgpu.CompilerParams(num_warps=4 if chunk_size <= 32 else 8, num_stages=1)
+def _compiler_params(chunk_size: int, *, heavy: bool) -> plgpu.CompilerParams:
+    # The parallel kernels hold many [L, L] and [L, N] tiles live at once; more warps spread them.
+    num_warps = 8 if heavy and chunk_size >= 32 else 4
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
 
 
-def _forward_kernel(
-    r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, state_ref,
-    y_ref, final_state_ref, chunk_states_ref,
-    *, chunk_size: int, num_chunks: int, block: int, ops: ChunkOps,
-):
+def _rows(chunk, chunk_size: int):
+    return pl.ds(pl.multiple_of(chunk * chunk_size, chunk_size), chunk_size)
+
+
+def _summary_kernel(r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, *out_refs,
+                    chunk_size: int, block: int, ops: ChunkOps):
+    batch, head, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = _rows(chunk, chunk_size)
+    inputs = (ref[batch, rows, head, :].astype(_F32)
+              for ref in (r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref))
+    for ref, value in zip(out_refs, chunk_summary(ops, block, *inputs)):
+        ref[batch, rows, head, :] = value
+
+
+def _states_kernel(logw_ref, k_ref, v_ref, b_ref, *refs, chunk_size: int, num_chunks: int,
+                   ops: ChunkOps):
+    *summary_refs, state_ref, y_ref, final_state_ref, chunk_states_ref = refs
     batch, head = pl.program_id(0), pl.program_id(1)
 
     def one_chunk(chunk, state):
-        rows = pl.ds(pl.multiple_of(chunk * chunk_size, chunk_size), chunk_size)
-        inputs = (ref[batch, rows, head, :].astype(_F32)
-                  for ref in (r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref))
+        rows = _rows(chunk, chunk_size)
+        logw, k, v, b = (ref[batch, rows, head, :].astype(_F32)
+                         for ref in (logw_ref, k_ref, v_ref, b_ref))
+        summary = ChunkSummary(*(ref[batch, rows, head, :] for ref in summary_refs))
         chunk_states_ref[batch, head, chunk] = state
-        y, state = chunk_forward(ops, block, *inputs, state)
+        y, state = chunk_state_step(ops, logw, k, v, b, summary, state)
         y_ref[batch, rows, head, :] = y
         return state
 
@@ -57,72 +86,101 @@ def _forward_kernel(
     final_state_ref[batch, head] = jax.lax.fori_loop(0, num_chunks, one_chunk, initial)
 
 
-def _backward_kernel(
-    r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, chunk_states_ref, d_y_ref, d_final_ref,
-    d_r_ref, d_logw_ref, d_k_ref, d_v_ref, d_a_ref, d_b_ref, d_state_ref,
-    *, chunk_size: int, num_chunks: int, block: int, ops: ChunkOps,
-):
+def _cotangents_kernel(logw_ref, b_ref, a_solved_ref, r_read_ref, d_y_ref, d_final_ref,
+                       d_state_ref, d_chunk_ends_ref, *, chunk_size: int, num_chunks: int,
+                       ops: ChunkOps):
     batch, head = pl.program_id(0), pl.program_id(1)
-    input_refs = (r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref)
-    grad_refs = (d_r_ref, d_logw_ref, d_k_ref, d_v_ref, d_a_ref, d_b_ref)
 
     def one_chunk(step, d_state):
         chunk = num_chunks - 1 - step
-        rows = pl.ds(pl.multiple_of(chunk * chunk_size, chunk_size), chunk_size)
-        inputs = [ref[batch, rows, head, :].astype(_F32) for ref in input_refs]
-        d_y = d_y_ref[batch, rows, head, :].astype(_F32)
-        start_state = chunk_states_ref[batch, head, chunk]
-        *d_inputs, d_state = chunk_backward(ops, block, *inputs, start_state, d_y, d_state)
-        for ref, grad in zip(grad_refs, d_inputs):
-            ref[batch, rows, head, :] = grad.astype(ref.dtype)
-        return d_state
+        rows = _rows(chunk, chunk_size)
+        logw, b, a_solved, r_read, d_y = (
+            ref[batch, rows, head, :].astype(_F32)
+            for ref in (logw_ref, b_ref, a_solved_ref, r_read_ref, d_y_ref)
+        )
+        d_chunk_ends_ref[batch, head, chunk] = d_state
+        return chunk_cotangent_step(ops, logw, b, a_solved, r_read, d_y, d_state)
 
     d_final = d_final_ref[batch, head].astype(_F32)
     d_state_ref[batch, head] = jax.lax.fori_loop(0, num_chunks, one_chunk, d_final)
+
+
+def _gradients_kernel(r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, chunk_states_ref,
+                      d_chunk_ends_ref, d_y_ref, *grad_refs, chunk_size: int, block: int,
+                      ops: ChunkOps):
+    batch, head, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = _rows(chunk, chunk_size)
+    inputs = [ref[batch, rows, head, :].astype(_F32)
+              for ref in (r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref)]
+    grads = chunk_backward(
+        ops, block, *inputs, chunk_states_ref[batch, head, chunk],
+        d_y_ref[batch, rows, head, :].astype(_F32), d_chunk_ends_ref[batch, head, chunk],
+    )
+    for ref, grad in zip(grad_refs, grads):
+        ref[batch, rows, head, :] = grad.astype(ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "block", "interpret"))
 def forward(r, logw, k, v, a, b, state, *, chunk_size: int, block: int, interpret: bool):
     """Inputs ``[B, T, H, N]`` with T a multiple of chunk_size, state ``[B, H, N, N]``.
 
-    Returns ``(y [B, T, H, N], final_state [B, H, N, N], chunk_states [B, H, T/L, N, N])``, fp32.
+    Returns ``(y [B, T, H, N], final_state [B, H, N, N], residuals)``, fp32; residuals are what
+    ``backward`` needs besides the inputs.
     """
     batch, seq_len, heads, dim = r.shape
     num_chunks = seq_len // chunk_size
-    kernel = functools.partial(
-        _forward_kernel, chunk_size=chunk_size, num_chunks=num_chunks, block=block,
-        ops=_ops(interpret),
-    )
-    return pl.pallas_call(
-        kernel,
+    ops = _ops(interpret)
+    token_f32 = jax.ShapeDtypeStruct((batch, seq_len, heads, dim), _F32)
+    summary = pl.pallas_call(
+        functools.partial(_summary_kernel, chunk_size=chunk_size, block=block, ops=ops),
+        grid=(batch, heads, num_chunks),
+        out_shape=(token_f32,) * 4,
+        compiler_params=_compiler_params(chunk_size, heavy=True),
+        interpret=interpret,
+        name="wkv7_chunk_summary",
+    )(r, logw, k, v, a, b)
+    y, final_state, chunk_states = pl.pallas_call(
+        functools.partial(_states_kernel, chunk_size=chunk_size, num_chunks=num_chunks, ops=ops),
         grid=(batch, heads),
         out_shape=(
-            jax.ShapeDtypeStruct((batch, seq_len, heads, dim), _F32),
+            token_f32,
             jax.ShapeDtypeStruct((batch, heads, dim, dim), _F32),
             jax.ShapeDtypeStruct((batch, heads, num_chunks, dim, dim), _F32),
         ),
-        compiler_params=_compiler_params(chunk_size),
+        compiler_params=_compiler_params(chunk_size, heavy=False),
         interpret=interpret,
-        name="wkv7_forward",
-    )(r, logw, k, v, a, b, state)
+        name="wkv7_states",
+    )(logw, k, v, b, *summary, state)
+    a_solved, _, r_read, _ = summary
+    return y, final_state, (chunk_states, a_solved, r_read)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "block", "interpret"))
-def backward(r, logw, k, v, a, b, chunk_states, d_y, d_final_state, *,
+def backward(r, logw, k, v, a, b, residuals, d_y, d_final_state, *,
              chunk_size: int, block: int, interpret: bool):
     """Gradients ``(d_r, d_logw, d_k, d_v, d_a, d_b)`` in the inputs' dtypes and fp32 ``d_state``."""
     batch, seq_len, heads, dim = r.shape
     num_chunks = seq_len // chunk_size
-    kernel = functools.partial(
-        _backward_kernel, chunk_size=chunk_size, num_chunks=num_chunks, block=block,
-        ops=_ops(interpret),
-    )
-    return pl.pallas_call(
-        kernel,
+    ops = _ops(interpret)
+    chunk_states, a_solved, r_read = residuals
+    d_state, d_chunk_ends = pl.pallas_call(
+        functools.partial(_cotangents_kernel, chunk_size=chunk_size, num_chunks=num_chunks,
+                          ops=ops),
         grid=(batch, heads),
-        out_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (r, logw, k, v, a, b))
-        + (jax.ShapeDtypeStruct((batch, heads, dim, dim), _F32),),
-        compiler_params=_compiler_params(chunk_size),
+        out_shape=(
+            jax.ShapeDtypeStruct((batch, heads, dim, dim), _F32),
+            jax.ShapeDtypeStruct((batch, heads, num_chunks, dim, dim), _F32),
+        ),
+        compiler_params=_compiler_params(chunk_size, heavy=False),
         interpret=interpret,
-        name="wkv7_backward",
-    )(r, logw, k, v, a, b, chunk_states, d_y, d_final_state)
+        name="wkv7_state_cotangents",
+    )(logw, b, a_solved, r_read, d_y, d_final_state)
+    grads = pl.pallas_call(
+        functools.partial(_gradients_kernel, chunk_size=chunk_size, block=block, ops=ops),
+        grid=(batch, heads, num_chunks),
+        out_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (r, logw, k, v, a, b)),
+        compiler_params=_compiler_params(chunk_size, heavy=True),
+        interpret=interpret,
+        name="wkv7_gradients",
+    )(r, logw, k, v, a, b, chunk_states, d_chunk_ends, d_y)
+    return (*grads, d_state)

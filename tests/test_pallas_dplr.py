@@ -184,6 +184,6 @@ def test_exports_forward_and_gradient_for_device(platform):
     forward_module = _export(forward, platform, *[tokens] * 6, state).mlir_module()
     grad_module = _export(jax.grad(loss, argnums=tuple(range(7))), platform,
                           *[tokens] * 6, state).mlir_module()
-    assert forward_module.count(kernel_call) >= 1
-    assert grad_module.count(kernel_call) >= 2  # forward and backward kernels
+    assert forward_module.count(kernel_call) >= 2  # chunk summaries, then the state pass
+    assert grad_module.count(kernel_call) >= 4  # and the cotangent pass, then the gradients
 
