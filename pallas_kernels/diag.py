@@ -32,17 +32,22 @@ _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def resolve_platform(platform: str | None, interpret: bool) -> str:
-    """"gpu" or "tpu": as given, else from `jax.default_backend()`. On CPU the platform must be
-    named: to run in interpret mode, or to lower ahead of time with `jax.export`."""
+    """"gpu" or "tpu": as given, else from `jax.default_backend()`; in interpret mode on a CPU
+    backend the GPU variant. ValueError on CPU without `interpret` (`jax.export` for a device
+    names the platform, so it lowers from CPU)."""
     if platform is None:
         backend = jax.default_backend()
         if backend in ("cuda", "rocm", "gpu"):
-            return "gpu"
-        if backend == "tpu":
-            return "tpu"
-        raise ValueError(
-            f"Pallas WKV kernels run on GPU or TPU; the default backend is {backend!r}. Pass "
-            "platform='gpu' or 'tpu' with interpret=True to run a kernel in interpret mode.")
+            platform = "gpu"
+        elif backend == "tpu":
+            platform = "tpu"
+        elif interpret:
+            platform = "gpu"
+        else:
+            raise ValueError(
+                f"Pallas WKV kernels need a GPU or TPU (the default backend is {backend!r}); pass "
+                "interpret=True to run a variant in Pallas interpret mode, or use the XLA forms "
+                "in rwkv_jax.wkv.")
     if platform not in ("gpu", "tpu"):
         raise ValueError(f"platform must be 'gpu', 'tpu' or None, got {platform!r}")
     return platform

@@ -24,13 +24,16 @@ column, each column a running sum that adds one more token's logw: S·N work per
 "exact element-wise decay product" of the diagonal blocks that flash-linear-attention's
 chunk_rwkv6 computes from chunk-wide sums instead.
 
-The backward pass is `jax.vjp` of `chunk_forward` traced inside the kernel: it recomputes the
-chunk from its stored start state and never divides by a decay.
+The backward pass is `jax.vjp` of each sub-block traced inside the kernel, from the sub-block
+start states recomputed from the chunk's stored start state; it never divides by a decay. The
+pairwise decays have a hand-written VJP (`_pair_scores_with_vjp`) that recomputes them column
+by column.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -82,30 +85,97 @@ def _row(x: jax.Array, index: int) -> jax.Array:
     return jnp.sum(jnp.where(rows == index, x, 0.0), axis=0, keepdims=True)
 
 
-def _sub_block(ops: DiagOps, r, logw, k, v, u, state):
-    """One sub-block (module docstring). r, logw, k, v `[S, N]`; u `[1, N]`; state `[N, N]`
-    [value, key]. Returns y `[S, N]` and the state after the sub-block."""
-    size = r.shape[0]
+def _indices(size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Row index t and column index i of an `[S, S]` matrix, and the token index `[S, 1]`."""
     t_index = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
     i_index = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
-    to_previous = ops.masked_sum((i_index < t_index).astype(_F32), logw)  # a_t
-    to_end = ops.masked_sum((i_index > t_index).astype(_F32), logw)  # z_i
-    total = jnp.sum(logw, axis=0, keepdims=True)  # g, [1, N]
+    return t_index, i_index, jax.lax.broadcasted_iota(jnp.int32, (size, 1), 0)
 
-    # Pairs inside the sub-block: scores[t, i] for i ≤ t, the diagonal carrying the bonus.
-    bonus = jnp.sum(r * u * k, axis=1, keepdims=True)  # [S, 1]
-    scores = jnp.where(t_index == i_index, bonus, 0.0)
-    token = jax.lax.broadcasted_iota(jnp.int32, (size, 1), 0)
-    between = jnp.zeros_like(logw)  # D[:, i, :] for the current column i; rows t > i are used
+
+def _between_columns(logw: jax.Array):
+    """Yields (i, D[:, i, :]) for i = S−2 … 0, with D[t, i] = Σ_{i<j<t} logw_j `[S, N]` for t > i
+    (rows t ≤ i hold 0). Each step adds one token's logw to every run that covers it, so each
+    entry is a running sum of non-positive numbers: no cancellation."""
+    size = logw.shape[0]
+    token = _indices(size)[2]
+    between = jnp.zeros_like(logw)
     for i in range(size - 2, -1, -1):
         # D[t, i] = D[t, i + 1] + logw_{i+1} for t ≥ i + 2, and 0 (no token between) for t = i + 1.
         between = jnp.where(token >= i + 2, between + _row(logw, i + 1), 0.0)
+        yield i, between
+
+
+def _pair_scores(r, logw, k):
+    """scores[t, i] = Σ_c r_t[c] k_i[c] e^{D[t,i,c]} for i < t, 0 elsewhere; r, logw, k `[S, N]`."""
+    size = r.shape[0]
+    t_index, i_index, _ = _indices(size)
+    scores = jnp.zeros((size, size), _F32)
+    for i, between in _between_columns(logw):
         column = jnp.sum(r * _row(k, i) * jnp.exp(between), axis=1, keepdims=True)  # [S, 1]
         scores = scores + jnp.where((i_index == i) & (t_index > i), column, 0.0)
+    return scores
 
-    y = ops.mm_nt(r * jnp.exp(to_previous), state) + ops.mm(scores, v)
-    new_state = state * jnp.exp(total) + ops.mm_tn(v, k * jnp.exp(to_end))
-    return y, new_state
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pair_scores_with_vjp(ops: DiagOps, r, logw, k):
+    """`_pair_scores` whose backward pass recomputes the S−1 `[S, N]` decay columns one at a time
+    instead of keeping all of them (S·S·N floats) as residuals. Only for use under `jax.vjp`: the
+    Triton lowering has no rule for a custom_vjp call that is not differentiated away."""
+    return _pair_scores(r, logw, k)
+
+
+def _pair_scores_fwd(ops: DiagOps, r, logw, k):
+    return _pair_scores(r, logw, k), (r, logw, k)
+
+
+def _pair_scores_bwd(ops: DiagOps, residuals, d_scores):
+    """With F_i[t] = d_scores[t, i] r_t k_i e^{D[t,i]} (per channel), the exponent D[t, i] holds
+    logw_j for i < j < t, so d logw_j = Σ_{i<j} Σ_{t>j} F_i[t]: per column a masked suffix sum."""
+    r, logw, k = residuals
+    size = r.shape[0]
+    t_index, i_index, token = _indices(size)
+    later = (i_index > t_index).astype(_F32)  # later @ x: Σ_{t>j} x_t in row j
+    d_r, d_logw, d_k = jnp.zeros_like(r), jnp.zeros_like(logw), jnp.zeros_like(k)
+    for i, between in _between_columns(logw):
+        weight = jnp.sum(jnp.where((i_index == i) & (t_index > i), d_scores, 0.0), axis=1,
+                         keepdims=True)  # d_scores[t, i], [S, 1]
+        weighted_decay = weight * jnp.exp(between)
+        k_i = _row(k, i)
+        d_r = d_r + weighted_decay * k_i
+        r_term = r * weighted_decay
+        d_k = d_k + jnp.where(token == i, jnp.sum(r_term, axis=0, keepdims=True), 0.0)
+        d_logw = d_logw + jnp.where(token > i, ops.masked_sum(later, r_term * k_i), 0.0)
+    return d_r, d_logw, d_k
+
+
+_pair_scores_with_vjp.defvjp(_pair_scores_fwd, _pair_scores_bwd)
+
+
+def _decays(ops: DiagOps, logw):
+    """(a, z, g): a_t = Σ_{j<t} logw_j, z_i = Σ_{j>i} logw_j `[S, N]`, g = Σ_j logw_j `[1, N]`."""
+    t_index, i_index, _ = _indices(logw.shape[0])
+    to_previous = ops.masked_sum((i_index < t_index).astype(_F32), logw)
+    to_end = ops.masked_sum((i_index > t_index).astype(_F32), logw)
+    return to_previous, to_end, jnp.sum(logw, axis=0, keepdims=True)
+
+
+def _next_state(ops: DiagOps, logw, k, v, state, decays=None):
+    """The state after a sub-block: S₀ ⊙ e^{g} (per key column) + Σ_i v_i (k_i ⊙ e^{z_i})ᵀ."""
+    _, to_end, total = _decays(ops, logw) if decays is None else decays
+    return state * jnp.exp(total) + ops.mm_tn(v, k * jnp.exp(to_end))
+
+
+def _sub_block(ops: DiagOps, r, logw, k, v, u, state, *, for_vjp: bool = False):
+    """One sub-block (module docstring). r, logw, k, v `[S, N]`; u `[1, N]`; state `[N, N]`
+    [value, key]. Returns y `[S, N]` and the state after the sub-block. `for_vjp`: the pairwise
+    scores carry their memory-saving VJP (only when differentiated inside a kernel)."""
+    decays = _decays(ops, logw)
+    t_index, i_index, _ = _indices(r.shape[0])
+    bonus = jnp.sum(r * u * k, axis=1, keepdims=True)  # [S, 1], the diagonal of the scores
+    pair_scores = functools.partial(_pair_scores_with_vjp, ops) if for_vjp else _pair_scores
+    scores = pair_scores(r, logw, k) + jnp.where(t_index == i_index, bonus, 0.0)
+    y = ops.mm_nt(r * jnp.exp(decays[0]), state) + ops.mm(scores, v)
+    return y, _next_state(ops, logw, k, v, state, decays)
 
 
 def chunk_forward(ops: DiagOps, r: Tiles, logw: Tiles, k: Tiles, v: Tiles, u: jax.Array,
@@ -131,6 +201,9 @@ def chunk_backward(ops: DiagOps, r: Tiles, logw: Tiles, k: Tiles, v: Tiles, u: j
                    state: jax.Array, d_y: Tiles, d_next_state: jax.Array):
     """Gradients of one chunk, recomputed from the state it started from.
 
+    The sub-blocks' start states are recomputed first (state updates only), then each sub-block's
+    VJP runs from the last to the first, so only one sub-block's residuals are live at a time.
+
     Args:
       r, logw, k, v, u, state: as for `chunk_forward` (state: the stored chunk start state).
       d_y: tuple of `[S, N]` cotangents of the outputs.
@@ -140,5 +213,16 @@ def chunk_backward(ops: DiagOps, r: Tiles, logw: Tiles, k: Tiles, v: Tiles, u: j
       (d_r, d_logw, d_k, d_v) tuples of `[S, N]` tiles, d_u `[1, N]`, and the cotangent of the
       chunk's start state `[N, N]`.
     """
-    _, pullback = jax.vjp(lambda *args: chunk_forward(ops, *args), r, logw, k, v, u, state)
-    return pullback((tuple(d_y), d_next_state))
+    starts = [state]
+    for logw_s, k_s, v_s in list(zip(logw, k, v))[:-1]:
+        starts.append(_next_state(ops, logw_s, k_s, v_s, starts[-1]))
+    d_state, d_u = d_next_state, jnp.zeros_like(u)
+    d_tiles = []
+    for index in reversed(range(len(r))):
+        _, pullback = jax.vjp(lambda *args: _sub_block(ops, *args, for_vjp=True),
+                              r[index], logw[index], k[index], v[index], u, starts[index])
+        *d_inputs, d_u_sub, d_state = pullback((d_y[index], d_state))
+        d_tiles.append(d_inputs)
+        d_u = d_u + d_u_sub
+    d_r, d_logw, d_k, d_v = (tuple(reversed(tiles)) for tiles in zip(*d_tiles))
+    return d_r, d_logw, d_k, d_v, d_u, d_state
