@@ -28,7 +28,8 @@ The kernels split the work so that everything heavy is parallel over chunks:
 2. ``chunk_state_step`` (sequential over chunks, light): y and the end state from S0.
 3. ``chunk_cotangent_step`` (sequential, reverse, light): the transposed map,
    dS0 = dS_end ⊙ e^{λ_L} + (dS_end Bdᵀ) Za + dYᵀ Q.
-4. ``chunk_backward`` (parallel): all input gradients of a chunk from its S0 and dS_end.
+4. ``chunk_backward`` (parallel): all input gradients of a chunk from its S0, dS_end and the
+   stored (I-B̃)⁻¹.
 """
 
 from __future__ import annotations
@@ -175,40 +176,37 @@ def _factors(ops: ChunkOps, r, logw, k, a, b) -> _ChunkFactors:
 
 
 class _PairwiseMatrices(NamedTuple):
-    """``[L, L]`` in-chunk interaction matrices and the solve."""
+    """``[L, L]`` in-chunk interaction matrices."""
 
     b_tilde: jax.Array
     k_tilde: jax.Array
     r_b: jax.Array
     r_k: jax.Array
-    solve: jax.Array  # (I - B̃)⁻¹
 
 
-def _pairwise(ops: ChunkOps, f: _ChunkFactors, block: int) -> _PairwiseMatrices:
+def _pairwise(ops: ChunkOps, f: _ChunkFactors) -> _PairwiseMatrices:
     length = f.a_centred.shape[0]
     strict = _lower_mask(length, strict=True)
     lower = _lower_mask(length, strict=False)
     # Entries above the diagonal can be large (each factor ≤ e^{0.61·L/2}) but are finite at
     # L ≤ 64 and are selected away.
-    b_tilde = jnp.where(strict, ops.mm_nt(f.a_centred, f.b_uncentred), 0.0)
     return _PairwiseMatrices(
-        b_tilde=b_tilde,
+        b_tilde=jnp.where(strict, ops.mm_nt(f.a_centred, f.b_uncentred), 0.0),
         k_tilde=jnp.where(strict, ops.mm_nt(f.a_centred, f.k_uncentred), 0.0),
         r_b=jnp.where(lower, ops.mm_nt(f.r_centred, f.b_uncentred), 0.0),
         r_k=jnp.where(lower, ops.mm_nt(f.r_centred, f.k_uncentred), 0.0),
-        solve=unit_lower_inverse(ops, b_tilde, block),
     )
 
 
 def chunk_backward(
-    ops: ChunkOps, block: int, r, logw, k, v, a, b, state, d_y, d_end_state
+    ops: ChunkOps, r, logw, k, v, a, b, solve, state, d_y, d_end_state
 ) -> tuple[jax.Array, ...]:
     """Gradients of a chunk's token inputs, recomputed from its start state.
 
     Args:
       ops: backend matmul/cumsum strategy.
-      block: diagonal block size of the substitution (divides L).
       r, logw, k, v, a, b: ``[L, N]`` fp32.
+      solve: ``[L, L]`` (I - B̃)⁻¹ from ``chunk_summary``.
       state: ``[N, N]`` fp32 start state, ``[value, key]``.
       d_y: ``[L, N]`` cotangent of y; d_end_state: ``[N, N]`` cotangent of the end state.
 
@@ -217,9 +215,9 @@ def chunk_backward(
       ``chunk_cotangent_step``'s job).
     """
     f = _factors(ops, r, logw, k, a, b)
-    m = _pairwise(ops, f, block)
+    m = _pairwise(ops, f)
     rhs = ops.mm_nt(f.a_from_start, state) + ops.mm(m.k_tilde, v)
-    state_times_a = ops.mm(m.solve, rhs)
+    state_times_a = ops.mm(solve, rhs)
     length = r.shape[0]
     strict = _lower_mask(length, strict=True)
     lower = _lower_mask(length, strict=False)
@@ -239,7 +237,7 @@ def chunk_backward(
     d_v = d_v + ops.mm_tn(m.r_k, d_y)
 
     # SA = (I - B̃)⁻¹ rhs: d_rhs = (I - B̃)⁻ᵀ d_SA, d_B̃ = d_rhs SAᵀ
-    d_rhs = ops.mm_tn(m.solve, d_state_times_a)
+    d_rhs = ops.mm_tn(solve, d_state_times_a)
     d_b_tilde = jnp.where(strict, ops.mm_nt(d_rhs, state_times_a), 0.0)
     # rhs = Xa S0ᵀ + K̃ V
     d_a_from_start = ops.mm(d_rhs, state)
@@ -288,18 +286,32 @@ class ChunkSummary(NamedTuple):
     y_intra: jax.Array  # Rb Zv + Rk V, [L, N(value)]
 
 
-def chunk_summary(ops: ChunkOps, block: int, r, logw, k, v, a, b) -> ChunkSummary:
-    """The parts of a chunk that do not depend on its start state (inputs ``[L, N]`` fp32)."""
+def chunk_summary(
+    ops: ChunkOps, block: int, r, logw, k, v, a, b
+) -> tuple[ChunkSummary, jax.Array]:
+    """The parts of a chunk that do not depend on its start state.
+
+    Args:
+      ops: backend matmul/cumsum strategy.
+      block: diagonal block size of the substitution (divides L).
+      r, logw, k, v, a, b: ``[L, N]`` fp32.
+
+    Returns:
+      ``(summary, solve)``: the four ``[L, N]`` arrays and ``(I - B̃)⁻¹`` ``[L, L]`` (kept for
+      the backward, which then needs no substitution of its own).
+    """
     f = _factors(ops, r, logw, k, a, b)
-    m = _pairwise(ops, f, block)
-    a_solved = ops.mm(m.solve, f.a_from_start)
-    v_solved = ops.mm(m.solve, ops.mm(m.k_tilde, v))
-    return ChunkSummary(
+    m = _pairwise(ops, f)
+    solve = unit_lower_inverse(ops, m.b_tilde, block)
+    a_solved = ops.mm(solve, f.a_from_start)
+    v_solved = ops.mm(solve, ops.mm(m.k_tilde, v))
+    summary = ChunkSummary(
         a_solved=a_solved,
         v_solved=v_solved,
         r_read=f.r_from_start + ops.mm(m.r_b, a_solved),
         y_intra=ops.mm(m.r_b, v_solved) + ops.mm(m.r_k, v),
     )
+    return summary, solve
 
 
 def _decays_to_end(ops: ChunkOps, logw: jax.Array) -> tuple[jax.Array, jax.Array]:

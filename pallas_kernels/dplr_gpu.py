@@ -4,13 +4,14 @@ Four kernels (see ``dplr_chunk`` for the math), all reading the ``[B, T, H, N]``
 directly as strided ``[L, N]`` tiles, so no transpose or upcast pass is spent outside them:
 
 * summary   grid (B, H, T/L), parallel: the heavy in-chunk work (pairwise matrices, blocked
-  substitution) -> Za, Zv, Q, Y_intra, fp32 ``[B, T, H, N]`` each.
+  substitution) -> Za, Zv, Q, Y_intra, fp32 ``[B, T, H, N]`` each, and (I-B̃)⁻¹
+  ``[B, H, T/L, L, L]`` for the backward.
 * states    grid (B, H), a loop over chunks with the fp32 ``[N, N]`` state in registers: y, the
   final state and every chunk's start state (``[B, H, T/L, N, N]``, kept for the backward).
 * cotangents grid (B, H), the same loop in reverse for the state cotangent: every chunk's end
   cotangent and the initial state's.
 * gradients grid (B, H, T/L), parallel: each chunk's input gradients, recomputed from its stored
-  start state and end cotangent.
+  start state, end cotangent and (I-B̃)⁻¹.
 
 The sequential kernels only do a few ``[L, N] x [N, N]`` products per chunk; the parallel ones
 give the GPU B·H·T/L independent programs.
@@ -59,12 +60,15 @@ def _rows(chunk, chunk_size: int):
 
 def _summary_kernel(r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, *out_refs,
                     chunk_size: int, block: int, ops: ChunkOps):
+    *summary_refs, solve_ref = out_refs
     batch, head, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = _rows(chunk, chunk_size)
     inputs = (ref[batch, rows, head, :].astype(_F32)
               for ref in (r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref))
-    for ref, value in zip(out_refs, chunk_summary(ops, block, *inputs)):
+    summary, solve = chunk_summary(ops, block, *inputs)
+    for ref, value in zip(summary_refs, summary):
         ref[batch, rows, head, :] = value
+    solve_ref[batch, head, chunk] = solve
 
 
 def _states_kernel(logw_ref, k_ref, v_ref, b_ref, *refs, chunk_size: int, num_chunks: int,
@@ -105,15 +109,14 @@ def _cotangents_kernel(logw_ref, b_ref, a_solved_ref, r_read_ref, d_y_ref, d_fin
     d_state_ref[batch, head] = jax.lax.fori_loop(0, num_chunks, one_chunk, d_final)
 
 
-def _gradients_kernel(r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, chunk_states_ref,
-                      d_chunk_ends_ref, d_y_ref, *grad_refs, chunk_size: int, block: int,
-                      ops: ChunkOps):
+def _gradients_kernel(r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, solves_ref, chunk_states_ref,
+                      d_chunk_ends_ref, d_y_ref, *grad_refs, chunk_size: int, ops: ChunkOps):
     batch, head, chunk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = _rows(chunk, chunk_size)
     inputs = [ref[batch, rows, head, :].astype(_F32)
               for ref in (r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref)]
     grads = chunk_backward(
-        ops, block, *inputs, chunk_states_ref[batch, head, chunk],
+        ops, *inputs, solves_ref[batch, head, chunk], chunk_states_ref[batch, head, chunk],
         d_y_ref[batch, rows, head, :].astype(_F32), d_chunk_ends_ref[batch, head, chunk],
     )
     for ref, grad in zip(grad_refs, grads):
@@ -131,10 +134,11 @@ def forward(r, logw, k, v, a, b, state, *, chunk_size: int, block: int, interpre
     num_chunks = seq_len // chunk_size
     ops = _ops(interpret)
     token_f32 = jax.ShapeDtypeStruct((batch, seq_len, heads, dim), _F32)
-    summary = pl.pallas_call(
+    *summary, solves = pl.pallas_call(
         functools.partial(_summary_kernel, chunk_size=chunk_size, block=block, ops=ops),
         grid=(batch, heads, num_chunks),
-        out_shape=(token_f32,) * 4,
+        out_shape=(token_f32,) * 4
+        + (jax.ShapeDtypeStruct((batch, heads, num_chunks, chunk_size, chunk_size), _F32),),
         compiler_params=_compiler_params(chunk_size, heavy=True),
         interpret=interpret,
         name="wkv7_chunk_summary",
@@ -152,7 +156,7 @@ def forward(r, logw, k, v, a, b, state, *, chunk_size: int, block: int, interpre
         name="wkv7_states",
     )(logw, k, v, b, *summary, state)
     a_solved, _, r_read, _ = summary
-    return y, final_state, (chunk_states, a_solved, r_read)
+    return y, final_state, (chunk_states, solves, a_solved, r_read)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "block", "interpret"))
@@ -162,7 +166,7 @@ def backward(r, logw, k, v, a, b, residuals, d_y, d_final_state, *,
     batch, seq_len, heads, dim = r.shape
     num_chunks = seq_len // chunk_size
     ops = _ops(interpret)
-    chunk_states, a_solved, r_read = residuals
+    chunk_states, solves, a_solved, r_read = residuals
     d_state, d_chunk_ends = pl.pallas_call(
         functools.partial(_cotangents_kernel, chunk_size=chunk_size, num_chunks=num_chunks,
                           ops=ops),
@@ -176,11 +180,11 @@ def backward(r, logw, k, v, a, b, residuals, d_y, d_final_state, *,
         name="wkv7_state_cotangents",
     )(logw, b, a_solved, r_read, d_y, d_final_state)
     grads = pl.pallas_call(
-        functools.partial(_gradients_kernel, chunk_size=chunk_size, block=block, ops=ops),
+        functools.partial(_gradients_kernel, chunk_size=chunk_size, ops=ops),
         grid=(batch, heads, num_chunks),
         out_shape=tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (r, logw, k, v, a, b)),
         compiler_params=_compiler_params(chunk_size, heavy=True),
         interpret=interpret,
         name="wkv7_gradients",
-    )(r, logw, k, v, a, b, chunk_states, d_chunk_ends, d_y)
+    )(r, logw, k, v, a, b, solves, chunk_states, d_chunk_ends, d_y)
     return (*grads, d_state)

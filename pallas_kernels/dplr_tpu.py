@@ -39,7 +39,7 @@ def _interpret_mode(interpret: bool):
 
 
 def _specs(chunk_size: int, dim: int, num_chunks: int, *, reverse: bool = False):
-    """BlockSpecs for ``[B, H, T, N]`` tiles, ``[B, H, N, N]`` states, ``[B, H, T/L, N, N]``."""
+    """BlockSpecs: ``[B, H, T, N]`` tiles, ``[B, H, N, N]``, ``[B, H, T/L, N, N]``, ``[B, H, T/L, L, L]``."""
 
     def chunk_index(c):
         return num_chunks - 1 - c if reverse else c
@@ -49,13 +49,19 @@ def _specs(chunk_size: int, dim: int, num_chunks: int, *, reverse: bool = False)
     per_chunk_state = pl.BlockSpec(
         (None, None, None, dim, dim), lambda b, h, c: (b, h, chunk_index(c), 0, 0)
     )
-    return tokens, state, per_chunk_state
+    per_chunk_solve = pl.BlockSpec(
+        (None, None, None, chunk_size, chunk_size), lambda b, h, c: (b, h, chunk_index(c), 0, 0)
+    )
+    return tokens, state, per_chunk_state, per_chunk_solve
 
 
 def _summary_kernel(r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, *out_refs, block: int):
+    *summary_refs, solve_ref = out_refs
     inputs = (ref[...] for ref in (r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref))
-    for ref, value in zip(out_refs, chunk_summary(_OPS, block, *inputs)):
+    summary, solve = chunk_summary(_OPS, block, *inputs)
+    for ref, value in zip(summary_refs, summary):
         ref[...] = value
+    solve_ref[...] = solve
 
 
 def _states_kernel(logw_ref, k_ref, v_ref, b_ref, *refs):
@@ -100,11 +106,11 @@ def _cotangents_kernel(logw_ref, b_ref, a_solved_ref, r_read_ref, d_y_ref, d_fin
         d_state_ref[...] = d_start
 
 
-def _gradients_kernel(r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, chunk_state_ref,
-                      d_chunk_end_ref, d_y_ref, *grad_refs, block: int):
+def _gradients_kernel(r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, solve_ref, chunk_state_ref,
+                      d_chunk_end_ref, d_y_ref, *grad_refs):
     inputs = [ref[...] for ref in (r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref)]
     grads = chunk_backward(
-        _OPS, block, *inputs, chunk_state_ref[...], d_y_ref[...], d_chunk_end_ref[...]
+        _OPS, *inputs, solve_ref[...], chunk_state_ref[...], d_y_ref[...], d_chunk_end_ref[...]
     )
     for ref, grad in zip(grad_refs, grads):
         ref[...] = grad
@@ -119,14 +125,15 @@ def forward(r, logw, k, v, a, b, state, *, chunk_size: int, block: int, interpre
     batch, heads, seq_len, dim = r.shape
     num_chunks = seq_len // chunk_size
     grid = (batch, heads, num_chunks)
-    tokens, state_spec, per_chunk_state = _specs(chunk_size, dim, num_chunks)
+    tokens, state_spec, per_chunk_state, per_chunk_solve = _specs(chunk_size, dim, num_chunks)
     token_f32 = jax.ShapeDtypeStruct(r.shape, _F32)
-    summary = pl.pallas_call(
+    *summary, solves = pl.pallas_call(
         functools.partial(_summary_kernel, block=block),
         grid=grid,
         in_specs=[tokens] * 6,
-        out_specs=(tokens,) * 4,
-        out_shape=(token_f32,) * 4,
+        out_specs=(tokens,) * 4 + (per_chunk_solve,),
+        out_shape=(token_f32,) * 4
+        + (jax.ShapeDtypeStruct((batch, heads, num_chunks, chunk_size, chunk_size), _F32),),
         compiler_params=_PARALLEL,
         interpret=_interpret_mode(interpret),
         name="wkv7_chunk_summary",
@@ -147,7 +154,7 @@ def forward(r, logw, k, v, a, b, state, *, chunk_size: int, block: int, interpre
         name="wkv7_states",
     )(logw, k, v, b, *summary, state)
     a_solved, _, r_read, _ = summary
-    return y, final_state, (chunk_states, a_solved, r_read)
+    return y, final_state, (chunk_states, solves, a_solved, r_read)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "block", "interpret"))
@@ -157,8 +164,8 @@ def backward(r, logw, k, v, a, b, residuals, d_y, d_final_state, *,
     batch, heads, seq_len, dim = r.shape
     num_chunks = seq_len // chunk_size
     grid = (batch, heads, num_chunks)
-    chunk_states, a_solved, r_read = residuals
-    tokens_rev, state_spec, per_chunk_rev = _specs(chunk_size, dim, num_chunks, reverse=True)
+    chunk_states, solves, a_solved, r_read = residuals
+    tokens_rev, state_spec, per_chunk_rev, _ = _specs(chunk_size, dim, num_chunks, reverse=True)
     d_state, d_chunk_ends = pl.pallas_call(
         _cotangents_kernel,
         grid=grid,
@@ -173,15 +180,15 @@ def backward(r, logw, k, v, a, b, residuals, d_y, d_final_state, *,
         interpret=_interpret_mode(interpret),
         name="wkv7_state_cotangents",
     )(logw, b, a_solved, r_read, d_y, d_final_state)
-    tokens, _, per_chunk_state = _specs(chunk_size, dim, num_chunks)
+    tokens, _, per_chunk_state, per_chunk_solve = _specs(chunk_size, dim, num_chunks)
     grads = pl.pallas_call(
-        functools.partial(_gradients_kernel, block=block),
+        _gradients_kernel,
         grid=grid,
-        in_specs=[tokens] * 6 + [per_chunk_state, per_chunk_state, tokens],
+        in_specs=[tokens] * 6 + [per_chunk_solve, per_chunk_state, per_chunk_state, tokens],
         out_specs=(tokens,) * 6,
         out_shape=(jax.ShapeDtypeStruct(r.shape, _F32),) * 6,
         compiler_params=_PARALLEL,
         interpret=_interpret_mode(interpret),
         name="wkv7_gradients",
-    )(r, logw, k, v, a, b, chunk_states, d_chunk_ends, d_y)
+    )(r, logw, k, v, a, b, solves, chunk_states, d_chunk_ends, d_y)
     return (*grads, d_state)

@@ -121,6 +121,30 @@ def test_empty_sequence_returns_initial_state():
 
 
 # ---------------------------------------------------------------------------------------------
+# Compiled kernels on a real accelerator (skipped on CPU): the device's own matmul precision
+# (TF32x3 on GPU) is only exercised here.
+
+ON_ACCELERATOR = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+
+
+@pytest.mark.skipif(not ON_ACCELERATOR, reason="needs a GPU or TPU")
+@pytest.mark.parametrize("chunk_size", [16, 32, 64])
+@pytest.mark.parametrize(
+    "options", [{}, {"decay": "strongest"}, {"parallel_keys": True}],
+    ids=["random", "strongest_decay", "parallel_keys"],
+)
+def test_compiled_kernel_on_device_matches_oracle(options, chunk_size):
+    inputs = make_inputs(19, 2, 300, 3, 64, **options)
+    device_kernel = functools.partial(wkv7_pallas, chunk_size=chunk_size)
+    y, final_state, grads = outputs_and_grads(device_kernel, inputs)
+    y_ref, state_ref, grads_ref = outputs_and_grads(wkv7_oracle, inputs)
+    assert rel_err(y, y_ref) <= 1e-4
+    assert rel_err(final_state, state_ref) <= 1e-4
+    for name, grad, grad_ref in zip(ARG_NAMES, grads, grads_ref):
+        assert rel_err(grad, grad_ref) <= 1e-4, name
+
+
+# ---------------------------------------------------------------------------------------------
 # Options and their errors.
 
 
