@@ -92,6 +92,7 @@ def test_hf_files_and_single_weight_file_load(tmp_path, safetensors):
 
 
 def _transformers():
+    pytest.importorskip("torch")
     return pytest.importorskip("transformers")
 
 
