@@ -123,7 +123,8 @@ def _wkv6_bwd(config: _Config, residuals, cotangents):
             chunk_size=config.chunk_size, input_dtype=r.dtype, interpret=config.interpret)
         d_inputs = [jnp.swapaxes(d, 1, 2) for d in d_inputs]
     d_inputs = [d[:, :seq_len].astype(x.dtype) for d, x in zip(d_inputs, (r, logw, k, v))]
-    d_u = jnp.sum(d_u, axis=0).reshape(u.shape).astype(u.dtype)
+    # [B, H, X, N]: per batch row (and on GPU per sub-block), all sharing the bonus.
+    d_u = jnp.sum(d_u, axis=(0, 2)).astype(u.dtype)
     d_state = jnp.swapaxes(d_state_vk, -1, -2).astype(state.dtype)
     return (*d_inputs, d_u, d_state)
 

@@ -24,6 +24,12 @@ column, each column a running sum that adds one more token's logw: S·N work per
 "exact element-wise decay product" of the diagonal blocks that flash-linear-attention's
 chunk_rwkv6 computes from chunk-wide sums instead.
 
+The first term reads the state and the state update ("inter", `_inter`) are a few matmuls per
+sub-block; the pairs inside the sub-block ("intra", `_intra`) are most of the arithmetic and do
+not depend on the state. The TPU kernel runs both in its sequential walk; the GPU runs the intra
+part of all sub-blocks in a separate, fully parallel kernel (`intra_forward`/`intra_backward`)
+and only the inter part in the sequential walk (`chunk_forward`/`chunk_backward` with u=None).
+
 The backward pass is `jax.vjp` of each sub-block traced inside the kernel, from the sub-block
 start states recomputed from the chunk's stored start state; it never divides by a decay. The
 pairwise decays have a hand-written VJP (`_pair_scores_with_vjp`) that recomputes them column
@@ -165,26 +171,52 @@ def _next_state(ops: DiagOps, logw, k, v, state, decays=None):
     return state * jnp.exp(total) + ops.mm_tn(v, k * jnp.exp(to_end))
 
 
-def _sub_block(ops: DiagOps, r, logw, k, v, u, state, *, for_vjp: bool = False):
-    """One sub-block (module docstring). r, logw, k, v `[S, N]`; u `[1, N]`; state `[N, N]`
-    [value, key]. Returns y `[S, N]` and the state after the sub-block. `for_vjp`: the pairwise
-    scores carry their memory-saving VJP (only when differentiated inside a kernel)."""
-    decays = _decays(ops, logw)
+def _intra(ops: DiagOps, r, logw, k, v, u, *, for_vjp: bool = False):
+    """The part of a sub-block's y that does not read the state: the pairs inside the sub-block,
+    the diagonal carrying the bonus. r, logw, k, v `[S, N]`; u `[1, N]` -> `[S, N]`. `for_vjp`:
+    the pairwise scores carry their memory-saving VJP (only when differentiated in a kernel)."""
     t_index, i_index, _ = _indices(r.shape[0])
-    bonus = jnp.sum(r * u * k, axis=1, keepdims=True)  # [S, 1], the diagonal of the scores
+    bonus = jnp.sum(r * u * k, axis=1, keepdims=True)  # [S, 1]
     pair_scores = functools.partial(_pair_scores_with_vjp, ops) if for_vjp else _pair_scores
     scores = pair_scores(r, logw, k) + jnp.where(t_index == i_index, bonus, 0.0)
-    y = ops.mm_nt(r * jnp.exp(decays[0]), state) + ops.mm(scores, v)
+    return ops.mm(scores, v)
+
+
+def _inter(ops: DiagOps, r, logw, k, v, state):
+    """The part of a sub-block that reads the state: its contribution to y `[S, N]` and the state
+    after the sub-block `[N, N]` ([value, key])."""
+    decays = _decays(ops, logw)
+    y = ops.mm_nt(r * jnp.exp(decays[0]), state)
     return y, _next_state(ops, logw, k, v, state, decays)
 
 
-def chunk_forward(ops: DiagOps, r: Tiles, logw: Tiles, k: Tiles, v: Tiles, u: jax.Array,
+def _sub_block(ops: DiagOps, r, logw, k, v, u, state, *, for_vjp: bool = False):
+    """One sub-block (module docstring): y `[S, N]` and the state after it."""
+    y, state = _inter(ops, r, logw, k, v, state)
+    return y + _intra(ops, r, logw, k, v, u, for_vjp=for_vjp), state
+
+
+def intra_forward(ops: DiagOps, r, logw, k, v, u) -> jax.Array:
+    """A sub-block's state-independent part of y (`[S, N]` fp32 tiles, u `[1, N]`); added to
+    `chunk_forward(..., u=None)` it gives y. Sub-blocks are independent: the GPU runs them all
+    in parallel."""
+    return _intra(ops, r, logw, k, v, u)
+
+
+def intra_backward(ops: DiagOps, r, logw, k, v, u, d_y):
+    """Gradients `(d_r, d_logw, d_k, d_v, d_u)` of `intra_forward` for the cotangent `d_y`."""
+    _, pullback = jax.vjp(lambda *args: _intra(ops, *args, for_vjp=True), r, logw, k, v, u)
+    return pullback(d_y)
+
+
+def chunk_forward(ops: DiagOps, r: Tiles, logw: Tiles, k: Tiles, v: Tiles, u: jax.Array | None,
                   state: jax.Array) -> tuple[Tiles, jax.Array]:
     """One chunk: its sub-blocks in order.
 
     Args:
       r, logw, k, v: tuples of `[S, N]` fp32 tiles, one per sub-block, in token order.
-      u: `[1, N]` fp32 bonus.
+      u: `[1, N]` fp32 bonus; None for the state-dependent part of y only (`intra_forward`
+        supplies the rest).
       state: `[N, N]` fp32 state before the chunk, layout [value, key].
 
     Returns:
@@ -192,14 +224,17 @@ def chunk_forward(ops: DiagOps, r: Tiles, logw: Tiles, k: Tiles, v: Tiles, u: ja
     """
     ys = []
     for tiles in zip(r, logw, k, v):
-        y, state = _sub_block(ops, *tiles, u, state)
+        if u is None:
+            y, state = _inter(ops, *tiles, state)
+        else:
+            y, state = _sub_block(ops, *tiles, u, state)
         ys.append(y)
     return tuple(ys), state
 
 
-def chunk_backward(ops: DiagOps, r: Tiles, logw: Tiles, k: Tiles, v: Tiles, u: jax.Array,
+def chunk_backward(ops: DiagOps, r: Tiles, logw: Tiles, k: Tiles, v: Tiles, u: jax.Array | None,
                    state: jax.Array, d_y: Tiles, d_next_state: jax.Array):
-    """Gradients of one chunk, recomputed from the state it started from.
+    """Gradients of `chunk_forward`, recomputed from the state the chunk started from.
 
     The sub-blocks' start states are recomputed first (state updates only), then each sub-block's
     VJP runs from the last to the first, so only one sub-block's residuals are live at a time.
@@ -210,19 +245,24 @@ def chunk_backward(ops: DiagOps, r: Tiles, logw: Tiles, k: Tiles, v: Tiles, u: j
       d_next_state: `[N, N]` cotangent of the state after the chunk, [value, key].
 
     Returns:
-      (d_r, d_logw, d_k, d_v) tuples of `[S, N]` tiles, d_u `[1, N]`, and the cotangent of the
-      chunk's start state `[N, N]`.
+      (d_r, d_logw, d_k, d_v) tuples of `[S, N]` tiles, d_u `[1, N]` (None if u is None), and
+      the cotangent of the chunk's start state `[N, N]`.
     """
     starts = [state]
     for logw_s, k_s, v_s in list(zip(logw, k, v))[:-1]:
         starts.append(_next_state(ops, logw_s, k_s, v_s, starts[-1]))
-    d_state, d_u = d_next_state, jnp.zeros_like(u)
+    d_state, d_u = d_next_state, None
     d_tiles = []
     for index in reversed(range(len(r))):
-        _, pullback = jax.vjp(lambda *args: _sub_block(ops, *args, for_vjp=True),
-                              r[index], logw[index], k[index], v[index], u, starts[index])
-        *d_inputs, d_u_sub, d_state = pullback((d_y[index], d_state))
+        tiles = (r[index], logw[index], k[index], v[index])
+        if u is None:
+            _, pullback = jax.vjp(lambda *args: _inter(ops, *args), *tiles, starts[index])
+            *d_inputs, d_state = pullback((d_y[index], d_state))
+        else:
+            _, pullback = jax.vjp(lambda *args: _sub_block(ops, *args, for_vjp=True),
+                                  *tiles, u, starts[index])
+            *d_inputs, d_u_sub, d_state = pullback((d_y[index], d_state))
+            d_u = d_u_sub if d_u is None else d_u + d_u_sub
         d_tiles.append(d_inputs)
-        d_u = d_u + d_u_sub
     d_r, d_logw, d_k, d_v = (tuple(reversed(tiles)) for tiles in zip(*d_tiles))
     return d_r, d_logw, d_k, d_v, d_u, d_state

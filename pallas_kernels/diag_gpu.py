@@ -1,11 +1,16 @@
 """RWKV-5/6 kernels for GPUs through Pallas' Triton lowering.
 
-One program per (batch, head) walks its chunks in order with the fp32 `[N, N]` state in
-registers (the `fori_loop` carry). Inputs stay in their `[B, T, H, N]` HBM layout and dtype
-and are read as strided `[S, N]` sub-block tiles, so no transpose or upcast pass runs outside
-the kernel. The forward stores each chunk's start state (`[B, H, T/L, N, N]` fp32, [value, key]);
-the backward walks the chunks in reverse, recomputes each from its stored start state and
-carries the state cotangent and the bonus gradient in registers.
+Each direction is two kernels. Inputs stay in their `[B, T, H, N]` HBM layout and dtype and are
+read as strided `[S, N]` sub-block tiles (S = 16), so no transpose or upcast pass runs outside.
+
+* intra (grid `(B, H, T/S)`, every sub-block independent): the state-independent part of y, the
+  pairs inside each sub-block with their exact pairwise decays (`diag_chunk.intra_forward`), and
+  in the backward its gradients. Most of the arithmetic lives here, spread over all SMs.
+* inter (grid `(B, H)`): one program per (batch, head) walks the chunks in order with the fp32
+  `[N, N]` state in registers (the `fori_loop` carry), adding the state's part of y to the intra
+  part in place, and stores each chunk's start state (`[B, H, T/L, N, N]` fp32, [value, key]).
+  The backward walks the chunks in reverse, recomputes each from its stored start state, adds
+  the state's gradients to the intra ones, and carries the state cotangent in registers.
 
 Matmul precision on the device: the log-decay sums always, and for fp32 inputs every matmul, run
 as TF32x3 (three tensor-core passes, ≈ fp32 accuracy); the data matmuls of bf16 inputs as TF32.
@@ -22,7 +27,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.diag_chunk import DiagOps, chunk_backward, chunk_forward
+from pallas_kernels.diag_chunk import (DiagOps, chunk_backward, chunk_forward, intra_backward,
+                                       intra_forward)
 
 _F32 = jnp.float32
 # tl.dot needs every matmul dimension ≥ 16, and the sub-block is one of them.
@@ -37,16 +43,24 @@ def _ops(dtype, interpret: bool) -> DiagOps:
     return DiagOps(decay_sums=accurate, data=data)
 
 
-def _compiler_params(head_size: int) -> plgpu.CompilerParams:
-    # The [N, N] state, its cotangent and a sub-block's [S, S] / [S, N] tiles are live at once:
-    # at N = 64 eight warps keep them in registers without spilling.
+def _intra_params(head_size: int) -> plgpu.CompilerParams:
+    # [S, N] tiles only: four warps hold them.
+    return plgpu.CompilerParams(num_warps=4, num_stages=1)
+
+
+def _inter_params(head_size: int) -> plgpu.CompilerParams:
+    # The [N, N] state (and in the backward its cotangent and the recomputed sub-block start
+    # states) stay in registers across the walk: eight warps at N = 64.
     return plgpu.CompilerParams(num_warps=4 if head_size <= 32 else 8, num_stages=1)
+
+
+def _tile(ref, batch, head, start):
+    return ref[batch, pl.ds(start, SUB_BLOCK), head, :].astype(_F32)
 
 
 def _tiles(ref, batch, head, start, chunk_size: int):
     """The chunk's `[S, N]` fp32 sub-block tiles of a `[B, T, H, N]` ref, from token `start`."""
-    return tuple(ref[batch, pl.ds(start + i, SUB_BLOCK), head, :].astype(_F32)
-                 for i in range(0, chunk_size, SUB_BLOCK))
+    return tuple(_tile(ref, batch, head, start + i) for i in range(0, chunk_size, SUB_BLOCK))
 
 
 def _store_tiles(ref, batch, head, start, tiles):
@@ -54,45 +68,64 @@ def _store_tiles(ref, batch, head, start, tiles):
         ref[batch, pl.ds(start + i * SUB_BLOCK, SUB_BLOCK), head, :] = tile.astype(ref.dtype)
 
 
-def _forward_kernel(r_ref, logw_ref, k_ref, v_ref, u_ref, state_ref,
-                    y_ref, final_state_ref, chunk_states_ref,
-                    *, chunk_size: int, num_chunks: int, ops: DiagOps):
+def _intra_forward_kernel(r_ref, logw_ref, k_ref, v_ref, u_ref, y_ref, *, ops: DiagOps):
+    batch, head, block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start = pl.multiple_of(block * SUB_BLOCK, SUB_BLOCK)
+    inputs = (_tile(ref, batch, head, start) for ref in (r_ref, logw_ref, k_ref, v_ref))
+    y = intra_forward(ops, *inputs, u_ref[pl.ds(head, 1), :].astype(_F32))
+    _store_tiles(y_ref, batch, head, start, (y,))
+
+
+def _inter_forward_kernel(r_ref, logw_ref, k_ref, v_ref, state_ref, y_intra_ref,
+                          y_ref, final_state_ref, chunk_states_ref,
+                          *, chunk_size: int, num_chunks: int, ops: DiagOps):
+    del y_intra_ref  # aliased to y_ref: y_ref holds the intra part on entry
     batch, head = pl.program_id(0), pl.program_id(1)
-    u = u_ref[pl.ds(head, 1), :].astype(_F32)
 
     def one_chunk(chunk, state):
         start = pl.multiple_of(chunk * chunk_size, chunk_size)
         chunk_states_ref[batch, head, chunk] = state
         inputs = (_tiles(ref, batch, head, start, chunk_size) for ref in (r_ref, logw_ref, k_ref, v_ref))
-        y, state = chunk_forward(ops, *inputs, u, state)
+        y_inter, state = chunk_forward(ops, *inputs, None, state)
+        y = (a + b for a, b in zip(y_inter, _tiles(y_ref, batch, head, start, chunk_size)))
         _store_tiles(y_ref, batch, head, start, y)
         return state
 
     final_state_ref[batch, head] = jax.lax.fori_loop(0, num_chunks, one_chunk, state_ref[batch, head])
 
 
-def _backward_kernel(r_ref, logw_ref, k_ref, v_ref, u_ref, chunk_states_ref, d_y_ref, d_final_ref,
-                     d_r_ref, d_logw_ref, d_k_ref, d_v_ref, d_u_ref, d_state_ref,
-                     *, chunk_size: int, num_chunks: int, ops: DiagOps):
-    batch, head = pl.program_id(0), pl.program_id(1)
-    u = u_ref[pl.ds(head, 1), :].astype(_F32)
+def _intra_backward_kernel(r_ref, logw_ref, k_ref, v_ref, u_ref, d_y_ref,
+                           d_r_ref, d_logw_ref, d_k_ref, d_v_ref, d_u_ref, *, ops: DiagOps):
+    batch, head, block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start = pl.multiple_of(block * SUB_BLOCK, SUB_BLOCK)
+    inputs = (_tile(ref, batch, head, start) for ref in (r_ref, logw_ref, k_ref, v_ref))
+    *d_inputs, d_u = intra_backward(ops, *inputs, u_ref[pl.ds(head, 1), :].astype(_F32),
+                                    _tile(d_y_ref, batch, head, start))
+    for ref, tile in zip((d_r_ref, d_logw_ref, d_k_ref, d_v_ref), d_inputs):
+        _store_tiles(ref, batch, head, start, (tile,))
+    d_u_ref[batch, head, pl.ds(block, 1), :] = d_u
 
-    def one_chunk(step, carry):
-        d_state, d_u = carry
+
+def _inter_backward_kernel(r_ref, logw_ref, k_ref, v_ref, chunk_states_ref, d_y_ref, d_final_ref,
+                           d_r_intra, d_logw_intra, d_k_intra, d_v_intra,
+                           d_r_ref, d_logw_ref, d_k_ref, d_v_ref, d_state_ref,
+                           *, chunk_size: int, num_chunks: int, ops: DiagOps):
+    batch, head = pl.program_id(0), pl.program_id(1)
+
+    def one_chunk(step, d_state):
         chunk = num_chunks - 1 - step
         start = pl.multiple_of(chunk * chunk_size, chunk_size)
         inputs = tuple(_tiles(ref, batch, head, start, chunk_size) for ref in (r_ref, logw_ref, k_ref, v_ref))
         d_y = _tiles(d_y_ref, batch, head, start, chunk_size)
-        d_r, d_logw, d_k, d_v, d_u_chunk, d_state = chunk_backward(
-            ops, *inputs, u, chunk_states_ref[batch, head, chunk], d_y, d_state)
-        for ref, tiles in zip((d_r_ref, d_logw_ref, d_k_ref, d_v_ref), (d_r, d_logw, d_k, d_v)):
-            _store_tiles(ref, batch, head, start, tiles)
-        return d_state, d_u + d_u_chunk
+        *d_inputs, _, d_state = chunk_backward(
+            ops, *inputs, None, chunk_states_ref[batch, head, chunk], d_y, d_state)
+        for out, intra, tiles in zip((d_r_ref, d_logw_ref, d_k_ref, d_v_ref),
+                                     (d_r_intra, d_logw_intra, d_k_intra, d_v_intra), d_inputs):
+            intra_tiles = _tiles(intra, batch, head, start, chunk_size)
+            _store_tiles(out, batch, head, start, tuple(a + b for a, b in zip(tiles, intra_tiles)))
+        return d_state
 
-    initial = (d_final_ref[batch, head], jnp.zeros(u.shape, _F32))
-    d_state, d_u = jax.lax.fori_loop(0, num_chunks, one_chunk, initial)
-    d_state_ref[batch, head] = d_state
-    d_u_ref[batch, pl.ds(head, 1), :] = d_u
+    d_state_ref[batch, head] = jax.lax.fori_loop(0, num_chunks, one_chunk, d_final_ref[batch, head])
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "interpret"))
@@ -102,38 +135,59 @@ def forward(r, logw, k, v, u, state, *, chunk_size: int, interpret: bool):
     states `[B, H, T/L, N, N]` (both fp32, [value, key])."""
     batch, seq_len, heads, head_size = r.shape
     num_chunks = seq_len // chunk_size
-    kernel = functools.partial(_forward_kernel, chunk_size=chunk_size, num_chunks=num_chunks,
-                               ops=_ops(r.dtype, interpret))
+    ops = _ops(r.dtype, interpret)
+    y_intra = pl.pallas_call(
+        functools.partial(_intra_forward_kernel, ops=ops),
+        grid=(batch, heads, seq_len // SUB_BLOCK),
+        out_shape=jax.ShapeDtypeStruct(r.shape, _F32),
+        compiler_params=_intra_params(head_size),
+        interpret=interpret,
+        name="wkv6_intra_forward",
+    )(r, logw, k, v, u)
     return pl.pallas_call(
-        kernel,
+        functools.partial(_inter_forward_kernel, chunk_size=chunk_size, num_chunks=num_chunks, ops=ops),
         grid=(batch, heads),
         out_shape=(
             jax.ShapeDtypeStruct(r.shape, _F32),
             jax.ShapeDtypeStruct(state.shape, _F32),
             jax.ShapeDtypeStruct((batch, heads, num_chunks, head_size, head_size), _F32),
         ),
-        compiler_params=_compiler_params(head_size),
+        input_output_aliases={5: 0},  # y_intra -> y, completed in place
+        compiler_params=_inter_params(head_size),
         interpret=interpret,
-        name="wkv6_forward",
-    )(r, logw, k, v, u, state)
+        name="wkv6_inter_forward",
+    )(r, logw, k, v, state, y_intra)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "interpret"))
 def backward(r, logw, k, v, u, chunk_states, d_y, d_final_state, *, chunk_size: int, interpret: bool):
-    """Gradients `(d_r, d_logw, d_k, d_v)` in the inputs' dtypes, `d_u [B, H, N]` fp32 (per batch
-    row) and the initial state's cotangent `[B, H, N, N]` fp32 [value, key]."""
+    """Gradients `(d_r, d_logw, d_k, d_v)` in the inputs' dtypes, `d_u [B, H, T/S, N]` fp32 (per
+    batch row and sub-block, to be summed) and the initial state's cotangent `[B, H, N, N]` fp32
+    [value, key]."""
     batch, seq_len, heads, head_size = r.shape
-    kernel = functools.partial(_backward_kernel, chunk_size=chunk_size,
-                               num_chunks=seq_len // chunk_size, ops=_ops(r.dtype, interpret))
-    return pl.pallas_call(
-        kernel,
+    num_blocks = seq_len // SUB_BLOCK
+    ops = _ops(r.dtype, interpret)
+    *d_intra, d_u = pl.pallas_call(
+        functools.partial(_intra_backward_kernel, ops=ops),
+        grid=(batch, heads, num_blocks),
+        out_shape=(
+            *(jax.ShapeDtypeStruct(r.shape, _F32) for _ in range(4)),
+            jax.ShapeDtypeStruct((batch, heads, num_blocks, head_size), _F32),
+        ),
+        compiler_params=_intra_params(head_size),
+        interpret=interpret,
+        name="wkv6_intra_backward",
+    )(r, logw, k, v, u, d_y)
+    *d_inputs, d_state = pl.pallas_call(
+        functools.partial(_inter_backward_kernel, chunk_size=chunk_size,
+                          num_chunks=seq_len // chunk_size, ops=ops),
         grid=(batch, heads),
         out_shape=(
             *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (r, logw, k, v)),
-            jax.ShapeDtypeStruct((batch, heads, head_size), _F32),
             jax.ShapeDtypeStruct(d_final_state.shape, _F32),
         ),
-        compiler_params=_compiler_params(head_size),
+        compiler_params=_inter_params(head_size),
         interpret=interpret,
-        name="wkv6_backward",
-    )(r, logw, k, v, u, chunk_states, d_y, d_final_state)
+        name="wkv6_inter_backward",
+    )(r, logw, k, v, chunk_states, d_y, d_final_state, *d_intra)
+    return (*d_inputs, d_u, d_state)
