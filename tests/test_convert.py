@@ -242,3 +242,24 @@ def test_convert_command(tmp_path, capsys):
     (tmp_path / "bad" / "config.json").write_text("{}")
     assert _cli([str(tmp_path / "bad"), str(tmp_path / "out.pth")]) == 1
     assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_sharded_hf_directory_loads(tmp_path):
+    from safetensors.numpy import save_file
+
+    from helpers import random_params
+
+    cfg = rj.RWKVConfig(version=5, **SIZES)
+    params = random_params(cfg, seed=8)
+    tensors = hf.hf_tensors(cfg, params)
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    (tmp_path / "sharded").mkdir()
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(tmp_path / "sharded" / shard))
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "sharded" / "config.json").write_text(json.dumps(hf.hf_config(cfg)))
+    cfg2, params2 = convert.load_checkpoint(tmp_path / "sharded")
+    assert cfg2 == cfg
+    assert_same_params(params2, params)
