@@ -6,10 +6,11 @@ directly as strided ``[L, N]`` tiles, so no transpose or upcast pass is spent ou
 * summary   grid (B, H, T/L), parallel: the heavy in-chunk work (pairwise matrices, blocked
   substitution) -> Za, Zv, Q, Y_intra, fp32 ``[B, T, H, N]`` each, and (I-B̃)⁻¹
   ``[B, H, T/L, L, L]`` for the backward.
-* states    grid (B, H), a loop over chunks with the fp32 ``[N, N]`` state in registers: y, the
-  final state and every chunk's start state (``[B, H, T/L, N, N]``, kept for the backward).
-* cotangents grid (B, H), the same loop in reverse for the state cotangent: every chunk's end
-  cotangent and the initial state's.
+* states    grid (B, H, N/32), a loop over chunks with 32 rows of the fp32 ``[N, N]`` state in
+  registers: y, the final state and every chunk's start state (``[B, H, T/L, N, N]``, kept for
+  the backward).
+* cotangents grid (B, H, N/32), the same loop in reverse for the state cotangent: every chunk's
+  end cotangent and the initial state's.
 * gradients grid (B, H, T/L), parallel: each chunk's input gradients, recomputed from its stored
   start state, end cotangent and (I-B̃)⁻¹.
 
@@ -39,6 +40,9 @@ from pallas_kernels.dplr_chunk import (
 )
 
 _F32 = jnp.float32
+# Rows of the state (value index) evolve independently, so the sequential kernels split them
+# over programs: more programs in flight (B·H·N/32) for the latency-bound chunk loop.
+VALUE_BLOCK = 32
 
 
 def _ops(interpret: bool) -> ChunkOps:
@@ -72,41 +76,49 @@ def _summary_kernel(r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, *out_refs,
 
 
 def _states_kernel(logw_ref, k_ref, v_ref, b_ref, *refs, chunk_size: int, num_chunks: int,
-                   ops: ChunkOps):
-    *summary_refs, state_ref, y_ref, final_state_ref, chunk_states_ref = refs
+                   value_block: int, ops: ChunkOps):
+    a_solved_ref, v_solved_ref, r_read_ref, y_intra_ref, state_ref, *out_refs = refs
+    y_ref, final_state_ref, chunk_states_ref = out_refs
     batch, head = pl.program_id(0), pl.program_id(1)
+    values = _rows(pl.program_id(2), value_block)  # this program's rows of the state
 
     def one_chunk(chunk, state):
         rows = _rows(chunk, chunk_size)
-        logw, k, v, b = (ref[batch, rows, head, :].astype(_F32)
-                         for ref in (logw_ref, k_ref, v_ref, b_ref))
-        summary = ChunkSummary(*(ref[batch, rows, head, :] for ref in summary_refs))
-        chunk_states_ref[batch, head, chunk] = state
+        logw, k, b, a_solved, r_read = (
+            ref[batch, rows, head, :].astype(_F32)
+            for ref in (logw_ref, k_ref, b_ref, a_solved_ref, r_read_ref)
+        )
+        v, v_solved, y_intra = (ref[batch, rows, head, values].astype(_F32)
+                                for ref in (v_ref, v_solved_ref, y_intra_ref))
+        summary = ChunkSummary(a_solved, v_solved, r_read, y_intra)
+        chunk_states_ref[batch, head, chunk, values, :] = state
         y, state = chunk_state_step(ops, logw, k, v, b, summary, state)
-        y_ref[batch, rows, head, :] = y
+        y_ref[batch, rows, head, values] = y
         return state
 
-    initial = state_ref[batch, head].astype(_F32)
-    final_state_ref[batch, head] = jax.lax.fori_loop(0, num_chunks, one_chunk, initial)
+    initial = state_ref[batch, head, values, :].astype(_F32)
+    final_state_ref[batch, head, values, :] = jax.lax.fori_loop(0, num_chunks, one_chunk, initial)
 
 
 def _cotangents_kernel(logw_ref, b_ref, a_solved_ref, r_read_ref, d_y_ref, d_final_ref,
                        d_state_ref, d_chunk_ends_ref, *, chunk_size: int, num_chunks: int,
-                       ops: ChunkOps):
+                       value_block: int, ops: ChunkOps):
     batch, head = pl.program_id(0), pl.program_id(1)
+    values = _rows(pl.program_id(2), value_block)
 
     def one_chunk(step, d_state):
         chunk = num_chunks - 1 - step
         rows = _rows(chunk, chunk_size)
-        logw, b, a_solved, r_read, d_y = (
+        logw, b, a_solved, r_read = (
             ref[batch, rows, head, :].astype(_F32)
-            for ref in (logw_ref, b_ref, a_solved_ref, r_read_ref, d_y_ref)
+            for ref in (logw_ref, b_ref, a_solved_ref, r_read_ref)
         )
-        d_chunk_ends_ref[batch, head, chunk] = d_state
+        d_y = d_y_ref[batch, rows, head, values].astype(_F32)
+        d_chunk_ends_ref[batch, head, chunk, values, :] = d_state
         return chunk_cotangent_step(ops, logw, b, a_solved, r_read, d_y, d_state)
 
-    d_final = d_final_ref[batch, head].astype(_F32)
-    d_state_ref[batch, head] = jax.lax.fori_loop(0, num_chunks, one_chunk, d_final)
+    d_final = d_final_ref[batch, head, values, :].astype(_F32)
+    d_state_ref[batch, head, values, :] = jax.lax.fori_loop(0, num_chunks, one_chunk, d_final)
 
 
 def _gradients_kernel(r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, solves_ref, chunk_states_ref,
@@ -143,9 +155,11 @@ def forward(r, logw, k, v, a, b, state, *, chunk_size: int, block: int, interpre
         interpret=interpret,
         name="wkv7_chunk_summary",
     )(r, logw, k, v, a, b)
+    value_block = min(VALUE_BLOCK, dim)
     y, final_state, chunk_states = pl.pallas_call(
-        functools.partial(_states_kernel, chunk_size=chunk_size, num_chunks=num_chunks, ops=ops),
-        grid=(batch, heads),
+        functools.partial(_states_kernel, chunk_size=chunk_size, num_chunks=num_chunks,
+                          value_block=value_block, ops=ops),
+        grid=(batch, heads, dim // value_block),
         out_shape=(
             token_f32,
             jax.ShapeDtypeStruct((batch, heads, dim, dim), _F32),
@@ -167,10 +181,11 @@ def backward(r, logw, k, v, a, b, residuals, d_y, d_final_state, *,
     num_chunks = seq_len // chunk_size
     ops = _ops(interpret)
     chunk_states, solves, a_solved, r_read = residuals
+    value_block = min(VALUE_BLOCK, dim)
     d_state, d_chunk_ends = pl.pallas_call(
         functools.partial(_cotangents_kernel, chunk_size=chunk_size, num_chunks=num_chunks,
-                          ops=ops),
-        grid=(batch, heads),
+                          value_block=value_block, ops=ops),
+        grid=(batch, heads, dim // value_block),
         out_shape=(
             jax.ShapeDtypeStruct((batch, heads, dim, dim), _F32),
             jax.ShapeDtypeStruct((batch, heads, num_chunks, dim, dim), _F32),
