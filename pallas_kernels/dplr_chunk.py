@@ -97,6 +97,15 @@ def _row(x: jax.Array, index: int) -> jax.Array:
     return jnp.sum(jnp.where(rows == index, x, 0.0), axis=0, keepdims=True)
 
 
+def _block_index(index: jax.Array, block: int, length: int) -> jax.Array:
+    """``index // block`` for ``0 <= index < length`` by comparisons: vector integer division
+    (and jnp's floor semantics, which need sign()) are not reliably lowered by Mosaic."""
+    result = jnp.zeros_like(index)
+    for boundary in range(block, length, block):
+        result = result + jnp.where(index >= boundary, 1, 0).astype(index.dtype)
+    return result
+
+
 def unit_lower_inverse(ops: ChunkOps, strictly_lower: jax.Array, block: int) -> jax.Array:
     """``(I - A)⁻¹`` for strictly lower-triangular ``A`` ``[L, L]`` by blocked forward substitution.
 
@@ -111,13 +120,13 @@ def unit_lower_inverse(ops: ChunkOps, strictly_lower: jax.Array, block: int) -> 
     rows = jax.lax.broadcasted_iota(jnp.int32, (length, length), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (length, length), 1)
     identity = jnp.where(rows == cols, 1.0, 0.0).astype(_F32)
-    # lax.div/rem rather than // and %: the indices are non-negative, and jnp's floor semantics
-    # need sign(), which Mosaic only lowers for a known TPU generation.
-    same_block = jax.lax.div(rows, block) == jax.lax.div(cols, block)
+    row_block, col_block = _block_index(rows, block, length), _block_index(cols, block, length)
+    same_block = row_block == col_block
+    col_in_block = cols - block * col_block
     in_block = jnp.where(same_block, strictly_lower, 0.0)
 
     def substitute_column(step, inverse):
-        column_part = jnp.where(jax.lax.rem(cols, block) == step, in_block, 0.0)
+        column_part = jnp.where(col_in_block == step, in_block, 0.0)
         return inverse + ops.mm(column_part, inverse)
 
     block_inverse = jax.lax.fori_loop(0, block, substitute_column, identity)

@@ -18,6 +18,7 @@ import pytest
 from helpers import rel_err
 from test_wkv_dplr import ARG_NAMES, make_inputs, numpy_reference
 from pallas_kernels.dplr import supports, wkv7_pallas
+from pallas_kernels.dplr_chunk import ChunkOps, unit_lower_inverse
 from rwkv_jax.wkv.dplr import wkv7_oracle
 
 PLATFORMS = ("gpu", "tpu")
@@ -61,6 +62,24 @@ def assert_matches_oracle(platform, chunk_size, inputs, *, tolerance, reference_
         assert np.all(np.isfinite(np.asarray(grad, np.float32))), name
         assert rel_err(grad, grad_ref) <= tolerance, name
     return y, final_state
+
+
+# ---------------------------------------------------------------------------------------------
+# The blocked substitution on its own.
+
+
+@pytest.mark.parametrize("length, block", [(16, 16), (32, 16), (64, 16), (64, 8)])
+def test_unit_lower_inverse_matches_float64_solve(length, block):
+    # B̃-like entries near -1 (nearly parallel unit keys, α -> 1): the powers of A grow like
+    # binomial coefficients, so any truncated or doubling power series would lose everything.
+    rng = np.random.default_rng(length + block)
+    strictly_lower = np.tril(-1.0 + 1e-3 * rng.standard_normal((length, length)), k=-1)
+    ops = ChunkOps(precision=jax.lax.Precision.HIGHEST, native_cumsum=True)
+    inverse = jax.jit(unit_lower_inverse, static_argnums=(0, 2))(
+        ops, jnp.asarray(strictly_lower, jnp.float32), block
+    )
+    expected = np.linalg.inv(np.eye(length) - strictly_lower)
+    assert rel_err(inverse, expected) <= 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
