@@ -1,0 +1,196 @@
+"""Decode and prefill speed of rwkv-jax vs the official `rwkv` pip package, on the same checkpoint.
+
+    python experiments/bench_decode.py                  # v4-v7 at L12-D768, V=65536 (CPU, fp32)
+    python experiments/bench_decode.py --smoke          # a tiny config, to check that it runs
+
+For each version, one random model (the official initialisation) is written with `rj.save_pth`;
+rwkv-jax reads it back with `rj.load_pth` and the package loads the same file with
+`strategy='cpu fp32'` in a subprocess (its import-time environment variables, e.g. RWKV_V7_ON,
+must not leak between versions; see tests/official_reference.py).
+
+Measured, as the median of `--repeats` runs after two warm-up runs (compilation):
+- prefill: a `--prompt-tokens` prompt from the zero state. Ours: `rwkv_jax.generation.prefill`
+  (the parallel form); the package: one `model.forward(tokens, None)` call (its sequence mode).
+- decode: `--new-tokens` greedy tokens after the prompt. Ours: `rwkv_jax.generation.decode`, the
+  jitted on-device loop (argmax included); the package: `forward([token], state)` plus a torch
+  argmax per token, as its `PIPELINE.generate` does.
+- decode at batch `--batch`: ours decodes B prompts at once; the package has no batch, so its
+  rate is taken as B times its batch-1 rate.
+Both sides use every CPU core they see. Prints `uptime` before and after: the numbers are only
+as steady as the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+WORKER_FLAG = "--official-worker"
+
+
+def _median_seconds(run, repeats: int) -> float:
+    for _ in range(2):  # warm-up: compiles (ours); TorchScript's profiling executor optimises on the 2nd run
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- the official package
+
+
+def official_worker(job_path: str) -> None:
+    """Runs in the child: time the package on the job's checkpoint, print one JSON line."""
+    import torch
+
+    with open(job_path) as f:
+        job = json.load(f)
+    torch.set_grad_enabled(False)
+    from rwkv.model import RWKV  # configured by the environment the parent set
+
+    path = job["checkpoint"]
+    if job["version"] == 7:
+        model = RWKV(model=path[:-len(".pth")], strategy="cpu fp32")  # the v7 class appends .pth itself
+    else:
+        model = RWKV(model=path, strategy="cpu fp32", verbose=False)
+    prompt = job["prompt"]
+
+    def prefill():
+        return model.forward(prompt, None)
+
+    def decode():
+        logits, state = model.forward(prompt[-1:], None)
+        for _ in range(job["new_tokens"]):
+            token = int(torch.argmax(logits))
+            logits, state = model.forward([token], state)
+
+    result = {"prefill_s": _median_seconds(prefill, job["repeats"]),
+              "decode_s": _median_seconds(decode, job["repeats"]), "threads": torch.get_num_threads()}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_official(checkpoint: str, version: int, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RWKV_V7_ON", "RWKV_DE_VERSION", "RWKV_RESCALE_LAYER", "RWKV_DML_ON")}
+    env.update(RWKV_JIT_ON="1", RWKV_CUDA_ON="0", CUDA_VISIBLE_DEVICES="")
+    if version == 7:
+        env["RWKV_V7_ON"] = "1"
+    with tempfile.TemporaryDirectory() as job_dir:
+        job_path = os.path.join(job_dir, "job.json")
+        with open(job_path, "w") as f:
+            json.dump({"checkpoint": checkpoint, "version": version, "prompt": prompt, "new_tokens": new_tokens,
+                       "repeats": repeats}, f)
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), WORKER_FLAG, job_path], cwd=job_dir,
+                              env=env, capture_output=True, text=True, timeout=3600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"official package failed on v{version}:\n{proc.stderr[-3000:]}\n{proc.stdout[-1000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# ----------------------------------------------------------------------------- ours
+
+
+def run_ours(checkpoint: str, prompt: list[int], batch: int, new_tokens: int, repeats: int) -> dict:
+    import jax
+
+    import rwkv_jax as rj
+    from rwkv_jax.generation import decode, prefill
+
+    cfg, params = rj.load_pth(checkpoint)
+    result = {}
+    prompts = {1: [prompt], batch: [list(np.roll(prompt, row)) for row in range(batch)]}
+    result["prefill_s"] = _median_seconds(lambda: jax.block_until_ready(prefill(cfg, params, prompts[1])), repeats)
+    for rows in sorted(set(prompts)):
+        logits, state = prefill(cfg, params, [p[-1:] for p in prompts[rows]])
+
+        def run():
+            out = decode(cfg, params, logits, state, max_new_tokens=new_tokens, temperature=0)
+            jax.block_until_ready(out.logits)
+
+        result[f"decode_b{rows}_s"] = _median_seconds(run, repeats)
+    return result
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a tiny model and few tokens")
+    parser.add_argument("--versions", type=int, nargs="+", default=[4, 5, 6, 7])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--embd", type=int, default=768)
+    parser.add_argument("--vocab", type=int, default=65536)
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.layers, args.embd, args.vocab, args.prompt_tokens, args.new_tokens = 2, 128, 1024, 16, 8
+        args.batch, args.repeats = 2, 1
+
+    import jax
+    import jax.numpy as jnp
+
+    import rwkv_jax as rj
+
+    print(f"uptime: {os.popen('uptime').read().strip()}")
+    print(f"L{args.layers}-D{args.embd}, V={args.vocab}, prompt {args.prompt_tokens} tokens, "
+          f"{args.new_tokens} new tokens, fp32, jax {jax.__version__} on {jax.devices()[0].platform}")
+    prompt = np.random.RandomState(0).randint(1, args.vocab, args.prompt_tokens).tolist()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for version in args.versions:
+            cfg = rj.RWKVConfig(version=version, n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab)
+            params = jax.jit(rj.RWKV(cfg).init)(jax.random.key(version), jnp.zeros((1, 1), jnp.int32))["params"]
+            checkpoint = os.path.join(tmp, f"v{version}.pth")
+            rj.save_pth(checkpoint, cfg, params)
+            del params
+            ours = run_ours(checkpoint, prompt, args.batch, args.new_tokens, args.repeats)
+            official = run_official(checkpoint, version, prompt, args.new_tokens, args.repeats)
+            rates = {
+                "version": version,
+                "prefill_ours": args.prompt_tokens / ours["prefill_s"],
+                "prefill_official": args.prompt_tokens / official["prefill_s"],
+                "decode_ours": args.new_tokens / ours["decode_b1_s"],
+                "decode_official": args.new_tokens / official["decode_s"],
+                f"decode_b{args.batch}_ours": args.batch * args.new_tokens / ours[f"decode_b{args.batch}_s"],
+                "official_threads": official["threads"],
+            }
+            rows.append(rates)
+            os.remove(checkpoint)
+    B = args.batch
+    print(f"{'':4} | {'prefill tok/s: ours':>19} {'official':>9} {'ratio':>6} | {'decode B=1: ours':>16} "
+          f"{'official':>9} {'ratio':>6} | {f'decode B={B}: ours':>16} {f'{B}x official':>11} {'ratio':>6}")
+    for r in rows:
+        batch_official = B * r["decode_official"]
+        print(f"v{r['version']:<3} | {r['prefill_ours']:19.1f} {r['prefill_official']:9.1f} "
+              f"{r['prefill_ours'] / r['prefill_official']:6.2f} | {r['decode_ours']:16.1f} {r['decode_official']:9.1f} "
+              f"{r['decode_ours'] / r['decode_official']:6.2f} | {r[f'decode_b{B}_ours']:16.1f} {batch_official:11.1f} "
+              f"{r[f'decode_b{B}_ours'] / batch_official:6.2f}")
+    print(f"uptime: {os.popen('uptime').read().strip()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == WORKER_FLAG:
+        official_worker(sys.argv[2])
+    else:
+        sys.exit(main())
