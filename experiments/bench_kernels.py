@@ -228,23 +228,28 @@ def main() -> None:
             impls.append(("fla", None))
             oracle_fwd = oracle_fwdbwd = y_oracle = None
             for name, form in impls:
-                if form is None:
-                    if interpret:
-                        continue
-                    fwd, fwdbwd, y, note = time_fla(version, per_token, rest, repeats)
-                    if fwd is None:
-                        notes.append(f"v{version} fla skipped: {note}")
-                        continue
-                    if note not in notes:
-                        notes.append(note)
-                else:
-                    fwd, fwdbwd, y = time_jax(form, per_token, rest, repeats)
+                prefix = f"{'v' + str(version):>3} {batch:>2} {seq_len:>6} {heads:>3} {name:<14} | "
+                try:
+                    if form is None:
+                        if interpret:
+                            continue
+                        fwd, fwdbwd, y, note = time_fla(version, per_token, rest, repeats)
+                        if fwd is None:
+                            notes.append(f"v{version} fla skipped: {note}")
+                            continue
+                        if note not in notes:
+                            notes.append(note)
+                    else:
+                        fwd, fwdbwd, y = time_jax(form, per_token, rest, repeats)
+                except Exception as error:  # one failing row must not cost the rest of the table
+                    print(prefix + f"FAILED {type(error).__name__}: {str(error)[:200]!r}", flush=True)
+                    continue
                 if name == "oracle":
                     oracle_fwd, oracle_fwdbwd, y_oracle = fwd, fwdbwd, y
-                print(f"{'v' + str(version):>3} {batch:>2} {seq_len:>6} {heads:>3} {name:<14} | "
-                      f"{fwd:>9.3f} {oracle_fwd / fwd:>6.1f}x | {fwdbwd:>9.3f} "
-                      f"{oracle_fwdbwd / fwdbwd:>6.1f}x | {relative_error(y, y_oracle):>8.1e}",
-                      flush=True)
+                ratio = lambda base, t: f"{base / t:>6.1f}x" if base else f"{'-':>7}"
+                error = relative_error(y, y_oracle) if y_oracle is not None else float("nan")
+                print(prefix + f"{fwd:>9.3f} {ratio(oracle_fwd, fwd)} | {fwdbwd:>9.3f} "
+                      f"{ratio(oracle_fwdbwd, fwdbwd)} | {error:>8.1e}", flush=True)
     for note in notes:
         print("note:", note)
 
