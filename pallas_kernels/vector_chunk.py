@@ -39,7 +39,9 @@ def chunk_forward(k: Rows, v: Rows, log_decay: jax.Array, u: jax.Array, state: S
     ys = []
     for t, (k_t, v_t) in enumerate(zip(k, v)):
         stepped, y = _step(carry, (k_t, v_t), log_decay, u)
-        carry = tuple(jnp.where(t < num_real, new, old) for new, old in zip(stepped, carry))
+        # A vector predicate: Mosaic selects on vector masks, not on broadcast scalar booleans.
+        real = jnp.full(k_t.shape, t, jnp.int32) < num_real
+        carry = tuple(jnp.where(real, new, old) for new, old in zip(stepped, carry))
         ys.append(y)
     pp, aa, bb = carry
     return tuple(ys), (aa, bb, pp)

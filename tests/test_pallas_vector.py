@@ -4,8 +4,8 @@ Chain of trust: the float64 loop of tests/test_wkv_vector.py -> wkv4_oracle (lax
 wkv4_pallas (GPU/Triton and TPU/Mosaic variants run by Pallas' interpreters on CPU). The final
 state (aa, bb, pp) is compared component by component and through the sums aa·e^pp, bb·e^pp it
 stands for; gradients of k, v, log_decay, u and the initial (aa, bb, pp) against autodiff of the
-oracle, with a loss that reads the final state through those sums (test_wkv_vector's
-`loss_gradients`). Device lowering is checked by exporting for "cuda" and "tpu".
+oracle, with a loss that reads the final state through those sums (the loss of
+test_wkv_vector's `loss_gradients`). Device lowering is checked by exporting for "cuda" and "tpu".
 Errors use tests/helpers.py rel_err (max|Δ| / max|reference|).
 """
 
@@ -19,7 +19,7 @@ import pytest
 from helpers import rel_err
 from pallas_kernels.vector import supports, wkv4_pallas
 from rwkv_jax.wkv.vector import wkv4_oracle
-from test_wkv_vector import assert_states_close, loss_gradients, make_inputs, reference_wkv4
+from test_wkv_vector import assert_states_close, make_inputs, reference_wkv4
 
 PLATFORMS = ("gpu", "tpu")
 GRAD_NAMES = ("k", "v", "log_decay", "u", "aa", "bb", "pp")
@@ -30,9 +30,41 @@ def pallas(platform, chunk_size):
     return functools.partial(wkv4_pallas, platform=platform, chunk_size=chunk_size, interpret=True)
 
 
-def assert_gradients_match(wkv, inputs, tolerance):
-    grads = loss_gradients(wkv, inputs, seed=6)
-    grads_ref = loss_gradients(wkv4_oracle, inputs, seed=6)
+@functools.lru_cache(maxsize=None)
+def _outputs_and_grads_fn(wkv):
+    """Jitted `(inputs, cotangents, scale) -> (y, final_state, gradients)`: one compile for the
+    forward and the backward. The loss is test_wkv_vector's `loss_gradients` loss,
+    Σ y·g_y + Σ (aa·g_a + bb·g_b)·e^{pp − scale}: the final state enters through the sums it
+    stands for, rescaled by a fixed scale (the oracle's final pp)."""
+
+    def run(inputs, cotangent_y, cotangent_a, cotangent_b, scale):
+        (y, (aa, bb, pp)), pullback = jax.vjp(wkv, *inputs)
+        factor = jnp.exp(pp - scale)
+        cotangent_state = (cotangent_a * factor, cotangent_b * factor,
+                           (aa * cotangent_a + bb * cotangent_b) * factor)
+        return y, (aa, bb, pp), pullback((cotangent_y, cotangent_state))
+
+    return jax.jit(run)
+
+
+def outputs_and_grads(wkv, inputs, seed=6):
+    rng = np.random.default_rng(seed)
+    k, *_, state = inputs
+    cotangent_y = jnp.asarray(rng.standard_normal(k.shape), jnp.float32)
+    cotangent_a, cotangent_b = (jnp.asarray(rng.standard_normal(state[0].shape), jnp.float32) for _ in "ab")
+    scale = jax.jit(wkv4_oracle)(*inputs)[1][2]
+    return _outputs_and_grads_fn(wkv)(tuple(inputs), cotangent_y, cotangent_a, cotangent_b, scale)
+
+
+def assert_matches_oracle(wkv, inputs, tolerance):
+    """y, the final state and the gradients of k, v, log_decay, u and the initial (aa, bb, pp)
+    against the oracle's."""
+    y, final_state, grads = outputs_and_grads(wkv, inputs)
+    y_ref, state_ref, grads_ref = outputs_and_grads(wkv4_oracle, inputs)
+    assert y.shape == y_ref.shape and y.dtype == jnp.float32
+    assert all(s.shape == r.shape and s.dtype == jnp.float32 for s, r in zip(final_state, state_ref))
+    assert rel_err(y, y_ref) <= tolerance
+    assert_states_close(final_state, state_ref, tol=tolerance)
     flat, flat_ref = grads[:4] + tuple(grads[4]), grads_ref[:4] + tuple(grads_ref[4])
     inputs_flat = inputs[:4] + tuple(inputs[4])
     for name, grad, grad_ref, x in zip(GRAD_NAMES, flat, flat_ref, inputs_flat):
@@ -57,14 +89,7 @@ CASES = [
 def test_fp32_matches_oracle(platform, shape, chunk_size, state):
     """fp32: y, final state and all gradients within 1e-4 (largest seen ≈ 3e-7)."""
     inputs = make_inputs(*shape, seed=1, state=state)
-    wkv = pallas(platform, chunk_size[platform])
-    y, final_state = jax.jit(wkv)(*inputs)
-    y_ref, state_ref = wkv4_oracle(*inputs)
-    assert y.shape == y_ref.shape and y.dtype == jnp.float32
-    assert all(s.shape == r.shape and s.dtype == jnp.float32 for s, r in zip(final_state, state_ref))
-    assert rel_err(y, y_ref) <= 1e-5
-    assert_states_close(final_state, state_ref)
-    assert_gradients_match(wkv, inputs, tolerance=1e-4)
+    assert_matches_oracle(pallas(platform, chunk_size[platform]), inputs, tolerance=1e-4)
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
@@ -75,13 +100,11 @@ def test_large_keys_match_float64_reference(platform):
     k, v, log_decay, u, state = make_inputs(2, 30, 16, seed=7, key_scale=100.0)
     k = jnp.clip(k, -max_key, max_key).at[:, ::7].set(max_key)
     inputs = (k, v, log_decay, u, state)
-    wkv = pallas(platform, 8)
-    y, final_state = jax.jit(wkv)(*inputs)
+    y, final_state, grads = outputs_and_grads(pallas(platform, 8), inputs)
     assert bool(jnp.all(jnp.isfinite(y))) and all(bool(jnp.all(jnp.isfinite(s))) for s in final_state)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
     y_ref, _ = reference_wkv4(*inputs)
     assert rel_err(y, y_ref) <= 1e-5 * max_key / 60
-    grads = loss_gradients(wkv, inputs, seed=8)
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
@@ -90,12 +113,7 @@ def test_bf16_inputs_match_oracle(platform):
     upcasts on load, so the error is fp32 rounding); gradients come back in bf16."""
     k, v, log_decay, u, state = make_inputs(2, 20, 16, seed=9)
     inputs = (k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), log_decay, u, state)
-    wkv = pallas(platform, 8)
-    y, final_state = jax.jit(wkv)(*inputs)
-    y_ref, state_ref = wkv4_oracle(*inputs)
-    assert y.dtype == jnp.float32 and rel_err(y, y_ref) <= 2e-2
-    assert_states_close(final_state, state_ref, tol=2e-2)
-    assert_gradients_match(wkv, inputs, tolerance=2e-2)
+    assert_matches_oracle(pallas(platform, 8), inputs, tolerance=2e-2)
 
 
 def _export(fn, platform, *args):
@@ -149,9 +167,4 @@ def test_compiled_on_device_matches_oracle(dtype, tolerance):
     C = 256, T not a multiple of the chunk."""
     k, v, log_decay, u, state = make_inputs(2, 200, 256, seed=12)
     inputs = (k.astype(dtype), v.astype(dtype), log_decay, u, state)
-    wkv = functools.partial(wkv4_pallas, platform=_device_platform())
-    y, final_state = jax.jit(wkv)(*inputs)
-    y_ref, state_ref = wkv4_oracle(*inputs)
-    assert rel_err(y, y_ref) <= tolerance
-    assert_states_close(final_state, state_ref, tol=tolerance)
-    assert_gradients_match(wkv, inputs, tolerance=tolerance)
+    assert_matches_oracle(functools.partial(wkv4_pallas, platform=_device_platform()), inputs, tolerance)
