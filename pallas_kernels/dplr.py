@@ -147,8 +147,12 @@ def wkv7_pallas(
       state: ``[B, H, N, N]`` initial state, ``[value, key]``.
       chunk_size: tokens per chunk; default 32 on GPU, 64 on TPU. GPU: 16, 32 or 64; TPU: a
         multiple of 8 up to 64.
-      platform: "gpu" (Triton), "tpu" (Mosaic) or None (from ``jax.default_backend()``).
+      platform: "gpu" (Triton), "tpu" (Mosaic) or None (from ``jax.default_backend()``; on CPU
+        with ``interpret=True`` the GPU variant, without it a ValueError).
       interpret: run the chosen variant in Pallas interpret mode (works on CPU).
+
+    Differentiable in reverse mode only (``jax.custom_vjp``); use ``wkv7_parallel`` for
+    forward-mode derivatives.
 
     Returns:
       ``(y, final_state)``: y ``[B, T, H, N]`` fp32, final_state ``[B, H, N, N]`` fp32.
