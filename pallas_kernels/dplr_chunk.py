@@ -49,8 +49,8 @@ class ChunkOps:
 
     precision: passed to every ``lax.dot_general`` (e.g. ``Precision.HIGHEST`` or a
       ``DotAlgorithmPreset``).
-    native_cumsum: use ``jnp.cumsum`` (Triton lowers it as an exact sequential scan); otherwise a
-      dot with a lower-triangular ones matrix (Mosaic TPU has no cumsum).
+    native_cumsum: use ``jnp.cumsum`` (Triton lowers it to a scan of fp32 adds); otherwise a dot
+      with a lower-triangular ones matrix (Mosaic TPU has no cumsum).
     """
 
     precision: Any
