@@ -136,7 +136,7 @@ def run_convert(args: argparse.Namespace) -> int:
         target = args.to or ("official" if str(args.output).endswith(".pth") else "orbax")
         carried = state if target == "official" else None
         written = save_checkpoint(args.output, cfg, params, format=target, safetensors=not args.bin, state=carried)
-    except (CheckpointError, PthError, FileNotFoundError) as error:
+    except (ValueError, PthError, OSError) as error:  # CheckpointError is a ValueError
         print(f"rwkv-jax convert: {error}", file=sys.stderr)
         return 1
     version = cfg.v5_variant if cfg.version == 5 else cfg.version
