@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from pallas_kernels import diag_gpu, diag_tpu
 
 _F32 = jnp.float32
-# Tokens per chunk (one stored state each). GPU: two 16-token sub-blocks keep the recomputed
-# chunk's residuals in registers; TPU: longer chunks amortise the ≈0.35 µs per grid step.
+# Tokens per chunk (one stored state each). GPU: the backward walk keeps one recomputed [N, N]
+# start state per 16-token sub-block of the chunk in registers, two at 32; TPU: longer chunks
+# amortise the ≈0.35 µs per grid step.
 DEFAULT_CHUNK = {"gpu": 32, "tpu": 64}
 _HEAD_SIZES = (32, 64)
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -163,5 +164,6 @@ def wkv6_pallas(
     chunk_size = DEFAULT_CHUNK[platform] if chunk_size is None else chunk_size
     granule = diag_gpu.SUB_BLOCK if platform == "gpu" else 8
     if chunk_size <= 0 or chunk_size % granule:
-        raise ValueError(f"chunk_size must be a positive multiple of {granule} on {platform}, got {chunk_size}")
+        raise ValueError(
+            f"chunk_size must be a positive multiple of {granule} on {platform}, got {chunk_size}")
     return _wkv6(r, logw, k, v, u, state, _Config(platform, chunk_size, interpret))

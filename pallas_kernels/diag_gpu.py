@@ -115,7 +115,8 @@ def _inter_backward_kernel(r_ref, logw_ref, k_ref, v_ref, chunk_states_ref, d_y_
     def one_chunk(step, d_state):
         chunk = num_chunks - 1 - step
         start = pl.multiple_of(chunk * chunk_size, chunk_size)
-        inputs = tuple(_tiles(ref, batch, head, start, chunk_size) for ref in (r_ref, logw_ref, k_ref, v_ref))
+        inputs = tuple(_tiles(ref, batch, head, start, chunk_size)
+                       for ref in (r_ref, logw_ref, k_ref, v_ref))
         d_y = _tiles(d_y_ref, batch, head, start, chunk_size)
         *d_inputs, _, d_state = chunk_backward(
             ops, *inputs, None, chunk_states_ref[batch, head, chunk], d_y, d_state)

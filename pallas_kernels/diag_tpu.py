@@ -32,7 +32,8 @@ def sub_block(chunk_size: int) -> int:
 
 
 def _ops(input_dtype) -> DiagOps:
-    data = jax.lax.Precision.HIGHEST if jnp.dtype(input_dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+    fp32 = jnp.dtype(input_dtype) == jnp.float32
+    data = jax.lax.Precision.HIGHEST if fp32 else jax.lax.Precision.DEFAULT
     return DiagOps(decay_sums=jax.lax.Precision.HIGHEST, data=data)
 
 

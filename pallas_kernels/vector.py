@@ -147,5 +147,6 @@ def wkv4_pallas(
     chunk_size = DEFAULT_CHUNK if chunk_size is None else chunk_size
     granule = 8 if platform == "tpu" else 1
     if chunk_size <= 0 or chunk_size % granule:
-        raise ValueError(f"chunk_size must be a positive multiple of {granule} on {platform}, got {chunk_size}")
+        raise ValueError(
+            f"chunk_size must be a positive multiple of {granule} on {platform}, got {chunk_size}")
     return _wkv4(k, v, log_decay, u, tuple(state), _Config(platform, chunk_size, interpret))

@@ -51,7 +51,8 @@ def outputs_and_grads(wkv, inputs, seed=6):
     rng = np.random.default_rng(seed)
     k, *_, state = inputs
     cotangent_y = jnp.asarray(rng.standard_normal(k.shape), jnp.float32)
-    cotangent_a, cotangent_b = (jnp.asarray(rng.standard_normal(state[0].shape), jnp.float32) for _ in "ab")
+    cotangent_a, cotangent_b = (jnp.asarray(rng.standard_normal(state[0].shape), jnp.float32)
+                                for _ in "ab")
     scale = jax.jit(wkv4_oracle)(*inputs)[1][2]
     return _outputs_and_grads_fn(wkv)(tuple(inputs), cotangent_y, cotangent_a, cotangent_b, scale)
 
