@@ -371,17 +371,19 @@ _TOP_LEVEL = frozenset({"emb", "ln0", "ln_out", "head"})
 
 
 def _layerwise(cfg: RWKVConfig, params: Params) -> bool:
-    return cfg.version >= 4 and set(params) == _TOP_LEVEL | {"blocks"}
+    return jax.default_backend() == "cpu" and cfg.version >= 4 and set(params) == _TOP_LEVEL | {"blocks"}
 
 
 def step_params(cfg: RWKVConfig, params: Params) -> Any:
     """The parameters in the form `step_function` takes.
 
-    For RWKV-4..7 that is `(top-level params, [one tree per layer])`: `RWKV.step` scans over the
-    stacked layer weights, and XLA then copies every layer's matrices out of the stack on each
-    token (a dynamic slice feeding a dot is materialised on CPU), which made decoding ~2x slower
-    than reading the weights once. Split once here, a step reads each weight in place. RWKV-1..3
-    (position-dependent pieces, copy head) keep the stacked params and `RWKV.step`.
+    On CPU, for RWKV-4..7, that is `(top-level params, [one tree per layer])`: `RWKV.step` scans
+    over the stacked layer weights, and XLA's CPU backend then copies every layer's matrices out
+    of the stack on each token (a dynamic slice feeding a dot is materialised), which made
+    decoding ~2x slower than reading each weight once. Split once here (a copy of the layer
+    weights for the duration of the call), a step reads each weight in place. Elsewhere (not
+    measured on GPU/TPU, where the copy would also double the weights' memory) and for RWKV-1..3
+    (position-dependent pieces, copy head) the stacked params go to `RWKV.step`.
     """
     if not _layerwise(cfg, params):
         return params

@@ -156,3 +156,21 @@ def test_chat_reads_stdin_and_reset_forgets_the_conversation(model):
     hello, bye_after_hello, bye_after_reset = replies("Hello\nBye\n\n/reset\nBye\n")  # blank lines are skipped
     assert bye_after_reset == replies("Bye\n")[0]
     assert bye_after_hello != bye_after_reset  # the second turn saw the first
+
+
+def test_ppl_prints_what_the_evaluation_functions_return(model, tmp_path):
+    from rwkv_jax.evaluation import lambada_accuracy, perplexity
+
+    path, cfg, params = model
+    text, lambada = tmp_path / "text.txt", tmp_path / "lambada.jsonl"
+    text.write_text("Some text to score, with ünïcode.\n")
+    lambada.write_text('{"text": "one two three"}\n{"text": "four five"}\n')
+    out = io.StringIO()
+    commands.run_ppl(parse(commands.add_ppl_arguments, ["--checkpoint", path, "--text", str(text),
+                                                        "--lambada", str(lambada)]), out)
+    scored = perplexity(cfg, params, text=text.read_text(), tokenizer=ByteTokenizer())
+    last_words = lambada_accuracy(cfg, params, ByteTokenizer(), lambada)
+    assert out.getvalue() == (
+        f"{text}: loss {scored.loss:.4f} nats/token | perplexity {scored.perplexity:.3f} | "
+        f"{scored.bits_per_byte:.4f} bits/byte | {scored.tokens} tokens, {scored.bytes} bytes\n"
+        f"{lambada}: accuracy {100 * last_words.accuracy:.2f}% | perplexity {last_words.perplexity:.3f} | 2 documents\n")
