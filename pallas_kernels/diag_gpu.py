@@ -43,9 +43,8 @@ def _ops(dtype, interpret: bool) -> DiagOps:
     return DiagOps(decay_sums=accurate, data=data)
 
 
-def _intra_params(head_size: int) -> plgpu.CompilerParams:
-    # [S, N] tiles only: four warps hold them.
-    return plgpu.CompilerParams(num_warps=4, num_stages=1)
+# The intra kernels hold [S, N] and [S, S] tiles only: four warps.
+_INTRA_PARAMS = plgpu.CompilerParams(num_warps=4, num_stages=1)
 
 
 def _inter_params(head_size: int) -> plgpu.CompilerParams:
@@ -141,7 +140,7 @@ def forward(r, logw, k, v, u, state, *, chunk_size: int, interpret: bool):
         functools.partial(_intra_forward_kernel, ops=ops),
         grid=(batch, heads, seq_len // SUB_BLOCK),
         out_shape=jax.ShapeDtypeStruct(r.shape, _F32),
-        compiler_params=_intra_params(head_size),
+        compiler_params=_INTRA_PARAMS,
         interpret=interpret,
         name="wkv6_intra_forward",
     )(r, logw, k, v, u)
@@ -175,7 +174,7 @@ def backward(r, logw, k, v, u, chunk_states, d_y, d_final_state, *, chunk_size: 
             *(jax.ShapeDtypeStruct(r.shape, _F32) for _ in range(4)),
             jax.ShapeDtypeStruct((batch, heads, num_blocks, head_size), _F32),
         ),
-        compiler_params=_intra_params(head_size),
+        compiler_params=_INTRA_PARAMS,
         interpret=interpret,
         name="wkv6_intra_backward",
     )(r, logw, k, v, u, d_y)
