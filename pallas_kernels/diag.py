@@ -24,10 +24,11 @@ import jax.numpy as jnp
 from pallas_kernels import diag_gpu, diag_tpu
 
 _F32 = jnp.float32
-# Tokens per chunk (one stored state each). GPU: the backward walk keeps one recomputed [N, N]
-# start state per 16-token sub-block of the chunk in registers, two at 32; TPU: longer chunks
-# amortise the ≈0.35 µs per grid step.
-DEFAULT_CHUNK = {"gpu": 32, "tpu": 64}
+# Tokens per chunk (one stored state each). GPU: the sequential walk takes one step of
+# chunk-sized matmuls per chunk, the parallel intra kernel walks the chunk's 16-token sub-blocks
+# (as flash-linear-attention's chunk 64 with sub-chunks of 16); TPU: longer chunks amortise the
+# ≈0.35 µs per grid step.
+DEFAULT_CHUNK = {"gpu": 64, "tpu": 64}
 _HEAD_SIZES = (32, 64)
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -124,7 +125,7 @@ def _wkv6_bwd(config: _Config, residuals, cotangents):
             chunk_size=config.chunk_size, input_dtype=r.dtype, interpret=config.interpret)
         d_inputs = [jnp.swapaxes(d, 1, 2) for d in d_inputs]
     d_inputs = [d[:, :seq_len].astype(x.dtype) for d, x in zip(d_inputs, (r, logw, k, v))]
-    # [B, H, X, N]: per batch row (and on GPU per sub-block), all sharing the bonus.
+    # [B, H, X, N]: per batch row (and on GPU per chunk), all sharing the bonus.
     d_u = jnp.sum(d_u, axis=(0, 2)).astype(u.dtype)
     d_state = jnp.swapaxes(d_state_vk, -1, -2).astype(state.dtype)
     return (*d_inputs, d_u, d_state)
@@ -151,8 +152,8 @@ def wkv6_pallas(
       r, logw, k, v: `[B, T, H, N]` receptance, log-decay (≤ 0), key, value; bf16 or fp32.
       u: `[H, N]` bonus.
       state: `[B, H, N, N]` initial state, layout [key, value].
-      chunk_size: tokens per chunk (one stored state each); a multiple of 16 on GPU, of 8 on
-        TPU. None: `DEFAULT_CHUNK[platform]`.
+      chunk_size: tokens per chunk (one stored state each); a power of two ≥ 16 on GPU, a
+        multiple of 8 on TPU. None: `DEFAULT_CHUNK[platform]`.
       platform: "gpu" (Triton lowering), "tpu" (Mosaic) or None (from the default backend).
       interpret: run the chosen variant in Pallas interpret mode (on CPU, for tests).
 
@@ -162,8 +163,11 @@ def wkv6_pallas(
     """
     platform = resolve_platform(platform, interpret)
     chunk_size = DEFAULT_CHUNK[platform] if chunk_size is None else chunk_size
-    granule = diag_gpu.SUB_BLOCK if platform == "gpu" else 8
-    if chunk_size <= 0 or chunk_size % granule:
-        raise ValueError(
-            f"chunk_size must be a positive multiple of {granule} on {platform}, got {chunk_size}")
+    if platform == "gpu":  # Triton tiles are powers of two; sub-blocks of 16
+        valid, rule = chunk_size >= diag_gpu.SUB_BLOCK and chunk_size & (chunk_size - 1) == 0, \
+            f"a power of two ≥ {diag_gpu.SUB_BLOCK}"
+    else:
+        valid, rule = chunk_size > 0 and chunk_size % 8 == 0, "a positive multiple of 8"
+    if not valid:
+        raise ValueError(f"chunk_size on {platform} must be {rule}, got {chunk_size}")
     return _wkv6(r, logw, k, v, u, state, _Config(platform, chunk_size, interpret))

@@ -24,11 +24,13 @@ column, each column a running sum that adds one more token's logw: S·N work per
 "exact element-wise decay product" of the diagonal blocks that flash-linear-attention's
 chunk_rwkv6 computes from chunk-wide sums instead.
 
-The first term reads the state and the state update ("inter", `_inter`) are a few matmuls per
-sub-block; the pairs inside the sub-block ("intra", `_intra`) are most of the arithmetic and do
-not depend on the state. The TPU kernel runs both in its sequential walk; the GPU runs the intra
-part of all sub-blocks in a separate, fully parallel kernel (`intra_forward`/`intra_backward`)
-and only the inter part in the sequential walk (`chunk_forward`/`chunk_backward` with u=None).
+The first term and the state update ("inter", `_inter`) are a few matmuls, exact for a tile of
+any length (their exponents run from the tile's start or to its end); the pairs inside the
+sub-block ("intra", `_intra`) are most of the arithmetic and do not depend on the state. The
+TPU kernel walks the sub-blocks of each chunk with the real state (`chunk_forward`). The GPU
+splits the work: a fully parallel kernel runs `chunk_forward` from a zero state, which yields
+every pair inside the chunk, and the sequential walk only applies `inter_forward` to whole chunks
+(one step per chunk, with chunk-sized matmuls).
 
 The backward pass is `jax.vjp` of each sub-block traced inside the kernel, from the sub-block
 start states recomputed from the chunk's stored start state; it never divides by a decay. The
@@ -196,43 +198,42 @@ def _sub_block(ops: DiagOps, r, logw, k, v, u, state, *, for_vjp: bool = False):
     return y + _intra(ops, r, logw, k, v, u, for_vjp=for_vjp), state
 
 
-def intra_forward(ops: DiagOps, r, logw, k, v, u) -> jax.Array:
-    """A sub-block's state-independent part of y (`[S, N]` fp32 tiles, u `[1, N]`); added to
-    `chunk_forward(..., u=None)` it gives y. Sub-blocks are independent: the GPU runs them all
-    in parallel."""
-    return _intra(ops, r, logw, k, v, u)
+def inter_forward(ops: DiagOps, r, logw, k, v, state) -> tuple[jax.Array, jax.Array]:
+    """The state's part of y and the state update for one tile of any length L (`[L, N]` fp32
+    tiles, state `[N, N]` [value, key]): `(r ⊙ e^{a}) Sᵀ` and `S ⊙ e^{g} + vᵀ (k ⊙ e^{z})`. Its
+    exponents are runs from the tile's start or to its end, exact at any L; the GPU walks whole
+    chunks with it, and adds the pairs inside each chunk from `chunk_forward` from a zero state."""
+    return _inter(ops, r, logw, k, v, state)
 
 
-def intra_backward(ops: DiagOps, r, logw, k, v, u, d_y):
-    """Gradients `(d_r, d_logw, d_k, d_v, d_u)` of `intra_forward` for the cotangent `d_y`."""
-    _, pullback = jax.vjp(lambda *args: _intra(ops, *args, for_vjp=True), r, logw, k, v, u)
-    return pullback(d_y)
+def inter_backward(ops: DiagOps, r, logw, k, v, state, d_y, d_next_state):
+    """Gradients `(d_r, d_logw, d_k, d_v, d_state)` of `inter_forward` from the tile's start
+    state, for the cotangents of its y and of the state after it."""
+    _, pullback = jax.vjp(lambda *args: _inter(ops, *args), r, logw, k, v, state)
+    return pullback((d_y, d_next_state))
 
 
-def chunk_forward(ops: DiagOps, r: Tiles, logw: Tiles, k: Tiles, v: Tiles, u: jax.Array | None,
+def chunk_forward(ops: DiagOps, r: Tiles, logw: Tiles, k: Tiles, v: Tiles, u: jax.Array,
                   state: jax.Array) -> tuple[Tiles, jax.Array]:
     """One chunk: its sub-blocks in order.
 
     Args:
       r, logw, k, v: tuples of `[S, N]` fp32 tiles, one per sub-block, in token order.
-      u: `[1, N]` fp32 bonus; None for the state-dependent part of y only (`intra_forward`
-        supplies the rest).
-      state: `[N, N]` fp32 state before the chunk, layout [value, key].
+      u: `[1, N]` fp32 bonus.
+      state: `[N, N]` fp32 state before the chunk, layout [value, key] (zeros: y holds only the
+        pairs inside the chunk).
 
     Returns:
       y: tuple of `[S, N]` fp32 output tiles; the state after the chunk, [value, key].
     """
     ys = []
     for tiles in zip(r, logw, k, v):
-        if u is None:
-            y, state = _inter(ops, *tiles, state)
-        else:
-            y, state = _sub_block(ops, *tiles, u, state)
+        y, state = _sub_block(ops, *tiles, u, state)
         ys.append(y)
     return tuple(ys), state
 
 
-def chunk_backward(ops: DiagOps, r: Tiles, logw: Tiles, k: Tiles, v: Tiles, u: jax.Array | None,
+def chunk_backward(ops: DiagOps, r: Tiles, logw: Tiles, k: Tiles, v: Tiles, u: jax.Array,
                    state: jax.Array, d_y: Tiles, d_next_state: jax.Array):
     """Gradients of `chunk_forward`, recomputed from the state the chunk started from.
 
@@ -245,24 +246,19 @@ def chunk_backward(ops: DiagOps, r: Tiles, logw: Tiles, k: Tiles, v: Tiles, u: j
       d_next_state: `[N, N]` cotangent of the state after the chunk, [value, key].
 
     Returns:
-      (d_r, d_logw, d_k, d_v) tuples of `[S, N]` tiles, d_u `[1, N]` (None if u is None), and
-      the cotangent of the chunk's start state `[N, N]`.
+      (d_r, d_logw, d_k, d_v) tuples of `[S, N]` tiles, d_u `[1, N]`, and the cotangent of the
+      chunk's start state `[N, N]`.
     """
     starts = [state]
     for logw_s, k_s, v_s in list(zip(logw, k, v))[:-1]:
         starts.append(_next_state(ops, logw_s, k_s, v_s, starts[-1]))
-    d_state, d_u = d_next_state, None
+    d_state, d_u = d_next_state, jnp.zeros_like(u)
     d_tiles = []
     for index in reversed(range(len(r))):
-        tiles = (r[index], logw[index], k[index], v[index])
-        if u is None:
-            _, pullback = jax.vjp(lambda *args: _inter(ops, *args), *tiles, starts[index])
-            *d_inputs, d_state = pullback((d_y[index], d_state))
-        else:
-            _, pullback = jax.vjp(lambda *args: _sub_block(ops, *args, for_vjp=True),
-                                  *tiles, u, starts[index])
-            *d_inputs, d_u_sub, d_state = pullback((d_y[index], d_state))
-            d_u = d_u_sub if d_u is None else d_u + d_u_sub
+        _, pullback = jax.vjp(lambda *args: _sub_block(ops, *args, for_vjp=True),
+                              r[index], logw[index], k[index], v[index], u, starts[index])
+        *d_inputs, d_u_sub, d_state = pullback((d_y[index], d_state))
         d_tiles.append(d_inputs)
+        d_u = d_u + d_u_sub
     d_r, d_logw, d_k, d_v = (tuple(reversed(tiles)) for tiles in zip(*d_tiles))
     return d_r, d_logw, d_k, d_v, d_u, d_state
