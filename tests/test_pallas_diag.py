@@ -70,12 +70,13 @@ def assert_matches_oracle(platform, chunk_size, inputs, tolerance):
     return max(errors.values())
 
 
-# (B, T, H, N), chunk per platform, decay. Every T leaves a partial last chunk; the TPU chunks
-# of 24 and 8 use 8-token sub-blocks, the others 16.
+# (B, T, H, N), chunk per platform (None: the default, 64), decay. Every T leaves a partial last
+# chunk; the TPU chunks of 24 and 8 use 8-token sub-blocks, the others 16.
 CASES = [
     pytest.param((1, 40, 1, 64), {"gpu": 32, "tpu": 24}, "strongest", id="BH1-N64-strongest"),
     pytest.param((2, 21, 2, 32), {"gpu": 16, "tpu": 16}, "random", id="N32-v6"),
     pytest.param((1, 19, 2, 32), {"gpu": 16, "tpu": 8}, "constant", id="N32-v5"),
+    pytest.param((1, 130, 1, 64), {"gpu": None, "tpu": None}, "strongest", id="default-chunk"),
 ]
 
 
