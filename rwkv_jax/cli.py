@@ -3,6 +3,8 @@
     rwkv-jax train preset=tiny version=7 steps=200 out=runs/x     # key=value overrides a preset
     rwkv-jax train --resume out=runs/x preset=tiny version=7       # continue from the last checkpoint
     rwkv-jax eval --checkpoint runs/x --text some.txt              # perplexity and bits per byte
+    rwkv-jax generate --checkpoint model.pth --prompt "..."        # streamed sampling; `chat` for a REPL
+    rwkv-jax convert model.pth out_dir --to hf                     # official / hf / fla / orbax
 
 Each subcommand registers itself in `SUBCOMMANDS` with a function that adds its arguments and
 one that runs it.
@@ -73,9 +75,26 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy(module: str, name: str) -> Callable:
+    """`module.name`, imported when called, so `rwkv-jax --help` does not import JAX."""
+    def call(*args):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*args)
+    return call
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": ("train or fine-tune a model", _add_train, _run_train),
-    "eval": ("score a text file with a checkpoint", _add_eval, _run_eval),
+    "eval": ("score a text file with a training run's checkpoint", _add_eval, _run_eval),
+    "ppl": ("perplexity and bits per byte of a text file under any checkpoint file",
+            _lazy("rwkv_jax.commands", "add_ppl_arguments"), _lazy("rwkv_jax.commands", "run_ppl")),
+    "generate": ("sample a continuation of a prompt, streamed",
+                 _lazy("rwkv_jax.commands", "add_generate_arguments"), _lazy("rwkv_jax.commands", "run_generate")),
+    "chat": ("chat with a model, keeping its state between turns",
+             _lazy("rwkv_jax.commands", "add_chat_arguments"), _lazy("rwkv_jax.commands", "run_chat")),
+    "convert": ("convert a checkpoint between the official, HF, fla and orbax layouts",
+                _lazy("rwkv_jax.io.convert", "add_convert_arguments"), _lazy("rwkv_jax.io.convert", "run_convert")),
 }
 
 
