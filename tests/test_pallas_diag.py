@@ -76,7 +76,8 @@ CASES = [
     pytest.param((1, 40, 1, 64), {"gpu": 32, "tpu": 24}, "strongest", id="BH1-N64-strongest"),
     pytest.param((2, 21, 2, 32), {"gpu": 16, "tpu": 16}, "random", id="N32-v6"),
     pytest.param((1, 19, 2, 32), {"gpu": 16, "tpu": 8}, "constant", id="N32-v5"),
-    pytest.param((1, 130, 1, 64), {"gpu": None, "tpu": None}, "strongest", id="default-chunk"),
+    pytest.param((1, 130, 1, 64), {"gpu": None, "tpu": None}, "strongest", id="default-chunk",
+                 marks=pytest.mark.slow),
 ]
 
 
