@@ -27,9 +27,14 @@ LAYER_NORM_EPS = 1e-5
 GROUP_NORM_EPS = 64e-5
 
 
-def token_shift(x: Array, prev: Array) -> Array:
-    """The previous token's input for every position: `[B, T, C]`, `prev [B, C]` -> `[B, T, C]`."""
-    return jnp.concatenate([prev[:, None, :].astype(x.dtype), x[:, :-1]], axis=1)
+def token_shift(x: Array, prev: Array, reset: Array | None = None) -> Array:
+    """The previous token's input for every position: `[B, T, C]`, `prev [B, C]` -> `[B, T, C]`.
+
+    `reset [B, T]` bool marks tokens that start a new document: they see the zero shift state of
+    `init_state` instead of the token before them.
+    """
+    shifted = jnp.concatenate([prev[:, None, :].astype(x.dtype), x[:, :-1]], axis=1)
+    return shifted if reset is None else jnp.where(reset[..., None], jnp.zeros((), x.dtype), shifted)
 
 
 def lerp_mix(x: Array, prev: Array, mix: Array) -> Array:
@@ -132,12 +137,12 @@ class ChannelMix(nn.Module):
     cfg: RWKVConfig
 
     @nn.compact
-    def __call__(self, x: Array, shift: Array, layer: Array) -> tuple[Array, Array]:
+    def __call__(self, x: Array, shift: Array, layer: Array, reset: Array | None = None) -> tuple[Array, Array]:
         cfg = self.cfg
         C, F, v = cfg.n_embd, cfg.dim_ffn, cfg.version
         _, r1 = layer_ratios(layer, cfg.n_layer)
         ddd = channel_ratio(C)
-        prev = token_shift(x, shift)
+        prev = token_shift(x, shift, reset)
         dt = cfg.params_dtype
         if v == 2:
             mix = self.param("time_mix", constant(lambda: half_shift_mix(C)), (1, 1, C), dt)

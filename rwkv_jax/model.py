@@ -36,24 +36,25 @@ class Block(nn.Module):
     (RWKV-2 instead normalises the stream itself: `x = ln1(x); x += att(x)`, spec §4.5).
 
     Written as a scan body: carry `(x [B,T,C], v_first)`, scanned input `(layer index, state)`,
-    broadcast input `pos` (read only by RWKV-1's `Block1`).
+    broadcast input `(pos, reset)`: `pos` is read only by RWKV-1's `Block1`, `reset [B, T]` (or
+    None) marks the tokens that start a new document.
     """
 
     cfg: RWKVConfig
 
     @nn.compact
-    def __call__(self, carry: tuple[Array, Array], scanned: tuple[Array, State], pos: Array | None
-                 ) -> tuple[tuple[Array, Array], State]:
-        del pos
+    def __call__(self, carry: tuple[Array, Array], scanned: tuple[Array, State],
+                 broadcast: tuple[Array | None, Array | None]) -> tuple[tuple[Array, Array], State]:
+        _, reset = broadcast
         x, v_first = carry
         layer, state = scanned
         h = layer_norm(self.cfg, "ln1")(x)
         x = h if self.cfg.version == 2 else x  # v2's residual stream is the normalised one
-        dx, att_state, v_first = TIME_MIX[self.cfg.version](self.cfg, name="att")(h, state, layer, v_first)
+        dx, att_state, v_first = TIME_MIX[self.cfg.version](self.cfg, name="att")(h, state, layer, v_first, reset)
         x = x + dx
         h = layer_norm(self.cfg, "ln2")(x)
         x = h if self.cfg.version == 2 else x
-        dx, ffn_x = ChannelMix(self.cfg, name="ffn")(h, state["ffn_x"], layer)
+        dx, ffn_x = ChannelMix(self.cfg, name="ffn")(h, state["ffn_x"], layer, reset)
         new_state = {**att_state, "ffn_x": ffn_x}
         return (x + dx, v_first), {name: value.astype(jnp.float32) for name, value in new_state.items()}
 
@@ -61,17 +62,26 @@ class Block(nn.Module):
 class RWKV(nn.Module):
     """An RWKV language model of any supported version (see `RWKVConfig`).
 
-    `model.apply({"params": p}, tokens [B, T] int32, state=None)` -> `(logits [B, T, V] float32,
-    state)`; `method=RWKV.step` takes `token [B]` and returns `logits [B, V]`.
+    `model.apply({"params": p}, tokens [B, T] int32, state=None, reset=None)` -> `(logits
+    [B, T, V] float32, state)`; `method=RWKV.step` takes `token [B]` and returns `logits [B, V]`.
+
+    Packed documents: `reset [B, T]` bool is True at every token that starts a new document. The
+    whole recurrent state (WKV states, both token shifts) is set to `init_state` before such a
+    token, so each document's logits, and the final state of the last one, are those of running
+    it alone from `init_state`. `reset=None` is the plain path (no masks are built).
     """
 
     cfg: RWKVConfig
 
     @nn.compact
-    def __call__(self, tokens: Array, state: State | None = None) -> tuple[Array, State]:
+    def __call__(self, tokens: Array, state: State | None = None, reset: Array | None = None
+                 ) -> tuple[Array, State]:
         cfg = self.cfg
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+        if reset is not None:
+            _check_reset(cfg, reset, tokens.shape)
+            reset = reset.astype(bool)
         _check_token_range(tokens, cfg.vocab_size)
         B, T = tokens.shape
         if state is None:
@@ -98,7 +108,7 @@ class RWKV(nn.Module):
                          split_rngs={"params": True}, in_axes=(0, nn.broadcast), out_axes=0,
                          length=cfg.n_layer)(cfg, name="blocks")
         layer_state = {name: state[name] for name in state_keys(cfg)}
-        (x, _), layer_state = blocks((x, v_first), (jnp.arange(cfg.n_layer), layer_state), pos)
+        (x, _), layer_state = blocks((x, v_first), (jnp.arange(cfg.n_layer), layer_state), (pos, reset))
         h = layer_norm(cfg, "ln_f" if cfg.version == 1 else "ln_out")(x)
         if cfg.version == 1:  # "reduce confidence of early tokens"
             time_out = self.param("time_out", nn.initializers.ones, (1, cfg.ctx_len, 1), cfg.params_dtype)
@@ -134,6 +144,16 @@ def _copy_head(cfg: RWKVConfig, h: Array, tokens: Array, logits: Array, pos: Arr
     q = linear(cfg, D, "head_q", orthogonal(gain * (0.01 if v1 else 0.0)), use_bias=v1)(h)
     k = linear(cfg, D, "head_k", orthogonal(gain * (0.01 if v1 else 0.1)), use_bias=v1)(h)
     return run_wkv(COPY_HEAD, cfg.wkv_impl, (logits, q, k, tokens), (pos, (state["copy_k"], state["copy_tokens"])))
+
+
+def _check_reset(cfg: RWKVConfig, reset: Array, token_shape: tuple[int, ...]) -> None:
+    """Resets must be `[B, T]` like the tokens, and the model must support them."""
+    if tuple(reset.shape) != tuple(token_shape):
+        raise ValueError(f"reset must have the tokens' shape {tuple(token_shape)}, got {tuple(reset.shape)}")
+    if cfg.version == 1 or cfg.head_qk:
+        raise ValueError(f"document resets are not supported for RWKV-{cfg.version} with its absolute-position "
+                         f"{'time mix' if cfg.version == 1 else 'copy head'} (head_qk={cfg.head_qk}); "
+                         "use head_qk=0 for RWKV-2/3")
 
 
 def _check_v1_positions(pos: Array, length: int, ctx_len: int) -> None:

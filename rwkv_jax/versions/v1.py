@@ -92,15 +92,16 @@ class ChannelMix1(nn.Module):
 class Block1(nn.Module):
     """One RWKV-1 layer (spec §3.5): `x += attn(ln1(x))`, `x += mlp(ln2(x))`.
 
-    The scan body contract of `rwkv_jax.model.Block`, plus the absolute position `pos [B]` of the
-    call's first token (α, β, γ are indexed by it).
+    The scan body contract of `rwkv_jax.model.Block`; of the broadcast `(pos, reset)` it reads the
+    absolute position `pos [B]` of the call's first token (α, β, γ are indexed by it).
     """
 
     cfg: RWKVConfig
 
     @nn.compact
-    def __call__(self, carry: tuple[Array, Array], scanned: tuple[Array, dict[str, Array]], pos: Array
-                 ) -> tuple[tuple[Array, Array], dict[str, Array]]:
+    def __call__(self, carry: tuple[Array, Array], scanned: tuple[Array, dict[str, Array]],
+                 broadcast: tuple[Array, Array | None]) -> tuple[tuple[Array, Array], dict[str, Array]]:
+        pos, _ = broadcast
         x, v_first = carry
         _, state = scanned
         dx, att_state = TimeMix1(self.cfg, name="attn")(layer_norm(self.cfg, "ln1")(x), state, pos)

@@ -35,34 +35,36 @@ def decay_init(layer: Array, cfg: RWKVConfig) -> Array:
 
 
 def clamped_wkv_and_output(cfg: RWKVConfig, k: Array, v: Array, r: Array, time_decay: Array, time_first: Array,
-                           state: dict[str, Array], eps: float) -> tuple[Array, dict[str, Array]]:
+                           state: dict[str, Array], eps: float, reset: Array | None = None
+                           ) -> tuple[Array, dict[str, Array]]:
     """The v2/v3 tail, called from inside a time-mix module (so `output` is its child): the WKV of
     min(k, 60) with ε, the sigmoid gate and the output projection. Returns (out, WKV state)."""
     log_decay = -jnp.exp(time_decay[:, 0].astype(jnp.float32))
     wkv_state = (state["att_aa"], state["att_bb"], state["att_pp"])
     y, (aa, bb, pp) = run_wkv(WKV_EPS, cfg.wkv_impl, (jnp.minimum(k, K_CLAMP), v),
-                              (log_decay, time_first[:, 0].astype(jnp.float32), eps, wkv_state))
+                              (log_decay, time_first[:, 0].astype(jnp.float32), eps, wkv_state), reset)
     out = linear(cfg, cfg.n_embd, "output", orthogonal(0.0))(jax.nn.sigmoid(r) * y.astype(r.dtype))
     return out, {"att_aa": aa, "att_bb": bb, "att_pp": pp}
 
 
 class TimeMix2(nn.Module):
-    """`x [B, T, C]` (the normalised stream) -> output `[B, T, C]` and the new time-mix state."""
+    """`x [B, T, C]` (the normalised stream) -> output `[B, T, C]` and the new time-mix state;
+    `reset [B, T]` (or None) marks document starts."""
 
     cfg: RWKVConfig
 
     @nn.compact
-    def __call__(self, x: Array, state: dict[str, Array], layer: Array, v_first: Array
-                 ) -> tuple[Array, dict[str, Array], Array]:
+    def __call__(self, x: Array, state: dict[str, Array], layer: Array, v_first: Array,
+                 reset: Array | None = None) -> tuple[Array, dict[str, Array], Array]:
         cfg = self.cfg
         C, A, dt = cfg.n_embd, cfg.dim_att, cfg.params_dtype
         time_decay = self.param("time_decay", constant(lambda: decay_init(layer, cfg)), (A, 1), dt)
         time_first = self.param("time_first", constant(lambda: jnp.full((A, 1), math.log(0.3))), (A, 1), dt)
         mix = self.param("time_mix", constant(lambda: half_shift_mix(C)), (1, 1, C), dt).astype(x.dtype)
 
-        xm = lerp_mix(x, token_shift(x, state["att_x"]), mix)
+        xm = lerp_mix(x, token_shift(x, state["att_x"], reset), mix)
         k = linear(cfg, A, "key", orthogonal(0.0))(xm)
         v = linear(cfg, A, "value", orthogonal(linear_gain(A, C)))(xm)
         r = linear(cfg, A, "receptance", orthogonal(0.0))(xm)
-        out, wkv_state = clamped_wkv_and_output(cfg, k, v, r, time_decay, time_first, state, K_EPS)
+        out, wkv_state = clamped_wkv_and_output(cfg, k, v, r, time_decay, time_first, state, K_EPS, reset)
         return out, {"att_x": x[:, -1], **wkv_state}, v_first

@@ -16,20 +16,21 @@ K_EPS = 1e-8  # official RWKV_K_EPS of v3
 
 
 class TimeMix3(nn.Module):
-    """`x [B, T, C]` (after ln1) -> output `[B, T, C]` and the new time-mix state."""
+    """`x [B, T, C]` (after ln1) -> output `[B, T, C]` and the new time-mix state; `reset [B, T]`
+    (or None) marks document starts."""
 
     cfg: RWKVConfig
 
     @nn.compact
-    def __call__(self, x: Array, state: dict[str, Array], layer: Array, v_first: Array
-                 ) -> tuple[Array, dict[str, Array], Array]:
+    def __call__(self, x: Array, state: dict[str, Array], layer: Array, v_first: Array,
+                 reset: Array | None = None) -> tuple[Array, dict[str, Array], Array]:
         cfg = self.cfg
         C, A = cfg.n_embd, cfg.dim_att
         time_decay, time_first, mix_k, mix_v, mix_r = decay_bonus_and_mixes(self, cfg, layer, x.dtype, (A, 1))
 
-        prev = token_shift(x, state["att_x"])
+        prev = token_shift(x, state["att_x"], reset)
         k = linear(cfg, A, "key", orthogonal(0.0))(lerp_mix(x, prev, mix_k))
         v = linear(cfg, A, "value", orthogonal(linear_gain(A, C)))(lerp_mix(x, prev, mix_v))
         r = linear(cfg, A, "receptance", orthogonal(0.0))(lerp_mix(x, prev, mix_r))
-        out, wkv_state = clamped_wkv_and_output(cfg, k, v, r, time_decay, time_first, state, K_EPS)
+        out, wkv_state = clamped_wkv_and_output(cfg, k, v, r, time_decay, time_first, state, K_EPS, reset)
         return out, {"att_x": x[:, -1], **wkv_state}, v_first

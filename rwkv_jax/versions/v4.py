@@ -37,24 +37,26 @@ def decay_bonus_and_mixes(module: nn.Module, cfg: RWKVConfig, layer: Array, dtyp
 
 
 class TimeMix4(nn.Module):
-    """`x [B, T, C]` (after ln1) -> output `[B, T, C]` and the new time-mix state."""
+    """`x [B, T, C]` (after ln1) -> output `[B, T, C]` and the new time-mix state; `reset [B, T]`
+    (or None) marks document starts."""
 
     cfg: RWKVConfig
 
     @nn.compact
-    def __call__(self, x: Array, state: dict[str, Array], layer: Array, v_first: Array
-                 ) -> tuple[Array, dict[str, Array], Array]:
+    def __call__(self, x: Array, state: dict[str, Array], layer: Array, v_first: Array,
+                 reset: Array | None = None) -> tuple[Array, dict[str, Array], Array]:
         cfg = self.cfg
         C, A = cfg.n_embd, cfg.dim_att
         time_decay, time_first, mix_k, mix_v, mix_r = decay_bonus_and_mixes(self, cfg, layer, x.dtype, (A,))
 
-        prev = token_shift(x, state["att_x"])
+        prev = token_shift(x, state["att_x"], reset)
         k = linear(cfg, A, "key", orthogonal(0.0))(lerp_mix(x, prev, mix_k))
         v = linear(cfg, A, "value", orthogonal((A / C) ** 0.5 if A > C else 1.0))(lerp_mix(x, prev, mix_v))
         r = linear(cfg, A, "receptance", orthogonal(0.0))(lerp_mix(x, prev, mix_r))
 
         log_decay = -jnp.exp(time_decay.astype(jnp.float32))
         wkv_state = (state["att_aa"], state["att_bb"], state["att_pp"])
-        y, (aa, bb, pp) = run_wkv(WKV4, cfg.wkv_impl, (k, v), (log_decay, time_first.astype(jnp.float32), wkv_state))
+        y, (aa, bb, pp) = run_wkv(WKV4, cfg.wkv_impl, (k, v), (log_decay, time_first.astype(jnp.float32), wkv_state),
+                                  reset)
         out = linear(cfg, C, "output", orthogonal(0.0))(jax.nn.sigmoid(r) * y.astype(x.dtype))
         return out, {"att_x": x[:, -1], "att_aa": aa, "att_bb": bb, "att_pp": pp}, v_first

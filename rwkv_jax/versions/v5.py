@@ -53,11 +53,12 @@ def heads(x: Array, cfg: RWKVConfig) -> Array:
 
 
 def diag_wkv_and_output(cfg: RWKVConfig, layer: Array, r: Array, logw: Array, k: Array, v: Array,
-                        u: Array, g: Array, state: Array, dtype: jnp.dtype) -> tuple[Array, Array]:
+                        u: Array, g: Array, state: Array, dtype: jnp.dtype, reset: Array | None = None
+                        ) -> tuple[Array, Array]:
     """The v5/v6 tail, called from inside a time-mix module (so `ln_x` and `output` are its
     children): WKV over heads, GroupNorm, gate, output projection. Returns (out, new kv state)."""
     y, kv = run_wkv(WKV_DIAG, cfg.wkv_impl, (heads(r, cfg), logw, heads(k, cfg), heads(v, cfg)),
-                    (u.astype(jnp.float32), state), chunk_size=cfg.chunk_size)
+                    (u.astype(jnp.float32), state), reset, chunk_size=cfg.chunk_size)
     y = HeadGroupNorm(cfg, scale_init=ln_x_scale(layer, cfg), name="ln_x")(y)
     out = linear(cfg, cfg.n_embd, "output", orthogonal(0.0))(y.astype(dtype) * g)
     return out, kv
@@ -69,8 +70,8 @@ class TimeMix5(nn.Module):
     cfg: RWKVConfig
 
     @nn.compact
-    def __call__(self, x: Array, state: dict[str, Array], layer: Array, v_first: Array
-                 ) -> tuple[Array, dict[str, Array], Array]:
+    def __call__(self, x: Array, state: dict[str, Array], layer: Array, v_first: Array,
+                 reset: Array | None = None) -> tuple[Array, dict[str, Array], Array]:
         cfg = self.cfg
         C, A, H, N, dt = cfg.n_embd, cfg.dim_att, cfg.n_head, cfg.head_size, cfg.params_dtype
         r0, r1 = layer_ratios(layer, cfg.n_layer)
@@ -89,7 +90,7 @@ class TimeMix5(nn.Module):
             bonus = jnp.exp(bonus.astype(jnp.float32)) if cfg.v5_log_bonus else bonus
             time_decay, u = time_decay[:, None], jnp.broadcast_to(bonus[:, None], (H, N))
 
-        prev = token_shift(x, state["att_x"])
+        prev = token_shift(x, state["att_x"], reset)
         r = linear(cfg, A, "receptance", orthogonal(1.0))(lerp_mix(x, prev, mix["r"]))
         k = linear(cfg, A, "key", orthogonal(0.1))(lerp_mix(x, prev, mix["k"]))
         v = linear(cfg, A, "value", orthogonal(1.0))(lerp_mix(x, prev, mix["v"]))
@@ -99,5 +100,5 @@ class TimeMix5(nn.Module):
             g = jnp.ones((), x.dtype)
 
         logw = jnp.broadcast_to(-jnp.exp(time_decay.astype(jnp.float32)), (*x.shape[:2], H, N))
-        out, kv = diag_wkv_and_output(cfg, layer, r, logw, k, v, u, g, state["att_kv"], x.dtype)
+        out, kv = diag_wkv_and_output(cfg, layer, r, logw, k, v, u, g, state["att_kv"], x.dtype, reset)
         return out, {"att_x": x[:, -1], "att_kv": kv}, v_first

@@ -16,13 +16,14 @@ DDLERP_ORDER = ("w", "k", "v", "r", "g")  # the order of the five blocks of time
 
 
 class TimeMix6(nn.Module):
-    """`x [B, T, C]` (after ln1) -> output `[B, T, C]` and the new time-mix state."""
+    """`x [B, T, C]` (after ln1) -> output `[B, T, C]` and the new time-mix state; `reset [B, T]`
+    (or None) marks document starts."""
 
     cfg: RWKVConfig
 
     @nn.compact
-    def __call__(self, x: Array, state: dict[str, Array], layer: Array, v_first: Array
-                 ) -> tuple[Array, dict[str, Array], Array]:
+    def __call__(self, x: Array, state: dict[str, Array], layer: Array, v_first: Array,
+                 reset: Array | None = None) -> tuple[Array, dict[str, Array], Array]:
         cfg = self.cfg
         C, A, H, N, dt = cfg.n_embd, cfg.dim_att, cfg.n_head, cfg.head_size, cfg.params_dtype
         D_mix, D_decay = cfg.d_mix, cfg.d_decay
@@ -40,7 +41,7 @@ class TimeMix6(nn.Module):
         decay_w2 = self.param("time_decay_w2", uniform(0.01), (D_decay, A), dt)
         time_faaaa = self.param("time_faaaa", constant(lambda: bonus_init(layer, cfg)), (H, N), dt)
 
-        delta = token_shift(x, state["att_x"]) - x
+        delta = token_shift(x, state["att_x"], reset) - x
         hidden = jnp.tanh(maa_mix(x, delta, maa["x"]) @ maa_w1)
         hidden = hidden.reshape(*hidden.shape[:-1], 5, D_mix)
         data_mix = jnp.einsum("btfd,fdc->fbtc", hidden, maa_w2)
@@ -53,5 +54,5 @@ class TimeMix6(nn.Module):
 
         decay_logit = time_decay.astype(jnp.float32) + lora(mixed["w"], decay_w1, decay_w2, jnp.tanh).astype(jnp.float32)
         logw = -jnp.exp(decay_logit).reshape(*x.shape[:2], H, N)
-        out, kv = diag_wkv_and_output(cfg, layer, r, logw, k, v, time_faaaa, g, state["att_kv"], x.dtype)
+        out, kv = diag_wkv_and_output(cfg, layer, r, logw, k, v, time_faaaa, g, state["att_kv"], x.dtype, reset)
         return out, {"att_x": x[:, -1], "att_kv": kv}, v_first

@@ -29,13 +29,14 @@ def lora_up_init(rows: int, cols: int) -> nn.initializers.Initializer:
 
 class TimeMix7(nn.Module):
     """`x [B, T, C]` (after ln1), `v_first [B, T, C]` (layer 0's value; ignored at layer 0) ->
-    output `[B, T, C]`, the new time-mix state and `v_first` for the next layer."""
+    output `[B, T, C]`, the new time-mix state and `v_first` for the next layer; `reset [B, T]`
+    (or None) marks document starts."""
 
     cfg: RWKVConfig
 
     @nn.compact
-    def __call__(self, x: Array, state: dict[str, Array], layer: Array, v_first: Array
-                 ) -> tuple[Array, dict[str, Array], Array]:
+    def __call__(self, x: Array, state: dict[str, Array], layer: Array, v_first: Array,
+                 reset: Array | None = None) -> tuple[Array, dict[str, Array], Array]:
         cfg = self.cfg
         C, H, N, dt = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.params_dtype
         r0, r1 = layer_ratios(layer, cfg.n_layer)
@@ -62,7 +63,7 @@ class TimeMix7(nn.Module):
             loras[name] = (self.param(f"{name}1", nn.initializers.zeros, (C, width), dt),
                            self.param(f"{name}2", lora_up_init(width, C), (width, C), dt))
 
-        delta = token_shift(x, state["att_x"]) - x
+        delta = token_shift(x, state["att_x"], reset) - x
         xr, xw, xk, xv, xa, xg = (maa_mix(x, delta, mix[n]) for n in ("r", "w", "k", "v", "a", "g"))
         r = linear(cfg, C, "receptance", orthogonal(1.0))(xr)
         k = linear(cfg, C, "key", orthogonal(0.1))(xk)
@@ -84,7 +85,7 @@ class TimeMix7(nn.Module):
         y, kv = run_wkv(WKV7, cfg.wkv_impl,
                         (heads(r, cfg), heads(logw, cfg), heads(k, cfg), heads(v, cfg),
                          -removal_key, removal_key * a_heads),
-                        (state["att_kv"],), chunk_size=cfg.chunk_size)
+                        (state["att_kv"],), reset, chunk_size=cfg.chunk_size)
         y = HeadGroupNorm(cfg, scale_init=ln_x_scale(layer, cfg), name="ln_x")(y)
         bonus = jnp.sum(heads(r * k, cfg) * r_k, axis=-1, keepdims=True) * heads(v, cfg)
         y = y + bonus.reshape(y.shape).astype(y.dtype)

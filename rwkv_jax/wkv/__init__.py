@@ -9,6 +9,11 @@
 Each family has the same three forms: `*_oracle` (token-by-token `lax.scan`, the reference),
 `*_parallel` (associative scan, training) and `*_step` (one token, decoding). `run_wkv` picks
 the form for a call; every form takes its per-token arrays first and the rest after.
+
+Packed documents: every form also takes `reset` (`[B, T]` bool, `[B]` for the step; None = no
+resets, the unchanged code path). A True entry starts a new document at that token: the state is
+set to the family's zero state before the token, so each document is computed exactly as if it
+had been run on its own from `init_state`.
 """
 
 from __future__ import annotations
@@ -31,17 +36,23 @@ class WKVForms:
 
 
 def run_wkv(forms: WKVForms, impl: str, per_token: tuple[Array, ...], rest: tuple[Any, ...],
-            **parallel_options: Any) -> tuple[Array, Any]:
-    """Run a recurrence over `per_token` arrays `[B, T, ...]`.
+            reset: Array | None = None, **parallel_options: Any) -> tuple[Array, Any]:
+    """Run a recurrence over `per_token` arrays `[B, T, ...]`, with document starts `reset [B, T]`
+    (bool) or None.
 
     A single token always takes the decoding `step` (that is what `RWKV.step` exercises); longer
     inputs take `impl` ("oracle" or "parallel").
     """
+    if reset is not None and impl not in ("oracle", "parallel"):
+        raise ValueError(f"the {impl!r} WKV implementation does not support document resets; "
+                         "use wkv='parallel' or 'oracle'")
+    with_reset = {} if reset is None else {"reset": reset}
     if per_token[0].shape[1] == 1:
-        y, state = forms.step(*(x[:, 0] for x in per_token), *rest)
+        step_reset = {} if reset is None else {"reset": reset[:, 0]}
+        y, state = forms.step(*(x[:, 0] for x in per_token), *rest, **step_reset)
         return y[:, None], state
     if impl == "oracle":
-        return forms.oracle(*per_token, *rest)
+        return forms.oracle(*per_token, *rest, **with_reset)
     if impl == "parallel":
-        return forms.parallel(*per_token, *rest, **parallel_options)
+        return forms.parallel(*per_token, *rest, **parallel_options, **with_reset)
     raise ValueError(f"unknown WKV implementation {impl!r}")

@@ -40,6 +40,7 @@ def wkv6_step(
     v: jax.Array,
     u: jax.Array,
     state: jax.Array,
+    reset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Advance the WKV recurrence by one token.
 
@@ -47,12 +48,15 @@ def wkv6_step(
       r, logw, k, v: `[B, H, N]` receptance, log-decay (≤ 0), key, value of the token.
       u: `[H, N]` bonus applied to the current token's key.
       state: `[B, H, N, N]` state before the token, layout [key, value].
+      reset: `[B]` bool or None; True zeroes that row's state first (a new document).
 
     Returns:
       y: `[B, H, N]` fp32 output of the token.
       new_state: `[B, H, N, N]` fp32 state after the token.
     """
     r, logw, k, v, u, state = _as_fp32(r, logw, k, v, u, state)
+    if reset is not None:
+        state = jnp.where(reset[:, None, None, None], 0.0, state)
     kv = k[..., :, None] * v[..., None, :]  # [B, H, N, N]
     y = jnp.einsum("bhi,bhij->bhj", r, u[None, :, :, None] * kv + state)
     new_state = jnp.exp(logw)[..., None] * state + kv
@@ -66,6 +70,7 @@ def wkv6_oracle(
     v: jax.Array,
     u: jax.Array,
     state: jax.Array,
+    reset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Token-by-token WKV recurrence (`wkv6_step` under `jax.lax.scan`); the reference form.
 
@@ -73,6 +78,7 @@ def wkv6_oracle(
       r, logw, k, v: `[B, T, H, N]` receptance, log-decay (≤ 0), key, value.
       u: `[H, N]` bonus.
       state: `[B, H, N, N]` initial state, layout [key, value].
+      reset: `[B, T]` bool document starts, or None.
 
     Returns:
       y: `[B, T, H, N]` fp32 outputs.
@@ -80,11 +86,11 @@ def wkv6_oracle(
     """
 
     def step(carried_state, token):
-        r_t, logw_t, k_t, v_t = token
-        y_t, next_state = wkv6_step(r_t, logw_t, k_t, v_t, u, carried_state)
+        y_t, next_state = wkv6_step(*token[:4], u, carried_state, *token[4:])
         return next_state, y_t
 
-    time_major = tuple(jnp.moveaxis(a, 1, 0) for a in _as_fp32(r, logw, k, v))
+    per_token = _as_fp32(r, logw, k, v) + (() if reset is None else (reset,))
+    time_major = tuple(jnp.moveaxis(a, 1, 0) for a in per_token)
     final_state, y = jax.lax.scan(step, jnp.asarray(state, jnp.float32), time_major)
     return jnp.moveaxis(y, 0, 1), final_state
 
@@ -96,12 +102,16 @@ def wkv6_oracle(
 _CPU_GROUP_ELEMENTS = 1 << 18
 
 
-def _intra_chunk(r, logw, k, v, u):
+def _intra_chunk(r, logw, k, v, u, reset=None):
     """Everything one chunk needs that does not depend on the state it starts from.
 
     Args:
       r, logw, k, v: `[P, H, N]` one chunk, token-major; P is a power of two.
       u: `[H, N]` bonus.
+      reset: `[P]` bool document starts, or None. With resets, A keeps only pairs of the same
+        document, r_decayed only the tokens before the chunk's first reset (the others do not
+        read the start state), update only the chunk's last document, and decay is 0 if the
+        chunk holds a reset: multiplicative masks on finite values, no -inf log-decay.
 
     Returns, with λ_t = Σ_{j≤t} logw_j the cumulative log-decay from the chunk start:
       y_intra: `[H, P, N]` the chunk's own contribution to y, A V with
@@ -151,9 +161,17 @@ def _intra_chunk(r, logw, k, v, u):
         cols = (cols_b * jnp.where(upper, 1.0, decay_b[:, :, 1:])).reshape(heads, size, head_size)
         block_decay = decay_b[:, :, 0, 0] * decay_b[:, :, 1, 0]
         h *= 2
-    y_intra = jnp.einsum("hti,hin->htn", scores.reshape(heads, size, size), v)
+    scores = scores.reshape(heads, size, size)
+    block_decay = block_decay.reshape(heads, head_size)
+    if reset is not None:
+        documents = jnp.cumsum(reset)  # documents started so far in the chunk, [P]
+        scores = jnp.where(documents[:, None] == documents[None, :], scores, 0.0)
+        rows = jnp.where((documents == 0)[:, None], rows, 0.0)
+        cols = jnp.where((documents == documents[-1])[:, None], cols, 0.0)
+        block_decay = jnp.where(documents[-1] == 0, block_decay, 0.0)
+    y_intra = jnp.einsum("hti,hin->htn", scores, v)
     update = jnp.einsum("hin,him->hnm", cols, v)
-    return y_intra, rows, update, block_decay.reshape(heads, head_size)
+    return y_intra, rows, update, block_decay
 
 
 def _compose(earlier, later):
@@ -171,6 +189,7 @@ def wkv6_parallel(
     u: jax.Array,
     state: jax.Array,
     chunk_size: int = 64,
+    reset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked parallel WKV recurrence (training form); same results as `wkv6_oracle`.
 
@@ -197,6 +216,8 @@ def wkv6_parallel(
       u: `[H, N]` bonus.
       state: `[B, H, N, N]` initial state, layout [key, value].
       chunk_size: tokens per chunk (static).
+      reset: `[B, T]` bool document starts, or None: the state is zeroed before a True token
+        (see `_intra_chunk`; a chunk with a reset has decay 0, so the scan drops what came before).
 
     Returns:
       y: `[B, T, H, N]` fp32 outputs.
@@ -208,14 +229,16 @@ def wkv6_parallel(
     size = 1 << (chunk_size - 1).bit_length()  # chunk length for the tree: the next power of two
 
     def to_chunks(x):
-        # Zero padding is an identity token: k = v = 0 adds nothing, logw = 0 decays nothing.
-        x = jnp.pad(x, ((0, 0), (0, num_chunks * chunk_size - seq_len), (0, 0), (0, 0)))
-        x = x.reshape(batch * num_chunks, chunk_size, heads, head_size)
-        return jnp.pad(x, ((0, 0), (0, size - chunk_size), (0, 0), (0, 0)))  # [B·C, P, H, N]
+        # Zero padding is an identity token: k = v = 0 adds nothing, logw = 0 decays nothing (and
+        # starts no document).
+        trailing = ((0, 0),) * (x.ndim - 2)
+        x = jnp.pad(x, ((0, 0), (0, num_chunks * chunk_size - seq_len), *trailing))
+        x = x.reshape(batch * num_chunks, chunk_size, *x.shape[2:])
+        return jnp.pad(x, ((0, 0), (0, size - chunk_size), *trailing))  # [B·C, P, H, N]
 
-    chunks = tuple(to_chunks(x) for x in (r, logw, k, v))
+    chunks = tuple(to_chunks(x) for x in (r, logw, k, v) + (() if reset is None else (reset,)))
     # The backward pass recomputes the intra-chunk work rather than storing its log₂ P levels.
-    intra = jax.checkpoint(lambda c: _intra_chunk(*c, u))
+    intra = jax.checkpoint(lambda c: _intra_chunk(*c[:4], u, *c[4:]))
     if jax.default_backend() == "cpu":
         group = max(1, _CPU_GROUP_ELEMENTS // (heads * size * head_size))
         outputs = jax.lax.map(intra, chunks, batch_size=group)

@@ -44,6 +44,7 @@ def wkv7_step(
     a: jax.Array,
     b: jax.Array,
     state: jax.Array,
+    reset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Advance the RWKV-7 state by one token.
 
@@ -51,12 +52,15 @@ def wkv7_step(
       r, logw, k, v, a, b: ``[B, H, N]`` receptance, log-decay (``w = exp(logw)``), key, value and
         the rank-1 transition vectors ``a`` (read from the state) and ``b`` (written back).
       state: ``[B, H, N, N]`` laid out ``[value, key]``.
+      reset: ``[B]`` bool or None; True zeroes that row's state first (a new document).
 
     Returns:
       ``(y, new_state)``: y ``[B, H, N]`` fp32 read from the updated state, new_state
       ``[B, H, N, N]`` fp32.
     """
     r, logw, k, v, a, b, state = (x.astype(jnp.float32) for x in (r, logw, k, v, a, b, state))
+    if reset is not None:
+        state = jnp.where(reset[:, None, None, None], 0.0, state)
     state_times_a = _einsum("bhij,bhj->bhi", state, a)
     new_state = (
         state * jnp.exp(logw)[..., None, :]
@@ -75,6 +79,7 @@ def wkv7_oracle(
     a: jax.Array,
     b: jax.Array,
     state: jax.Array,
+    reset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Token-by-token RWKV-7 recurrence (``lax.scan`` over ``wkv7_step``); the reference.
 
@@ -83,16 +88,18 @@ def wkv7_oracle(
     Args:
       r, logw, k, v, a, b: ``[B, T, H, N]``.
       state: ``[B, H, N, N]`` initial state, ``[value, key]``.
+      reset: ``[B, T]`` bool document starts, or None.
 
     Returns:
       ``(y, final_state)``: y ``[B, T, H, N]`` fp32, final_state ``[B, H, N, N]`` fp32.
     """
 
     def scan_body(carried_state, token_inputs):
-        y_t, next_state = wkv7_step(*token_inputs, carried_state)
+        y_t, next_state = wkv7_step(*token_inputs[:6], carried_state, *token_inputs[6:])
         return next_state, y_t
 
-    time_major_inputs = tuple(jnp.swapaxes(x, 0, 1) for x in (r, logw, k, v, a, b))
+    per_token = (r, logw, k, v, a, b) + (() if reset is None else (reset,))
+    time_major_inputs = tuple(jnp.swapaxes(x, 0, 1) for x in per_token)
     final_state, y_time_major = jax.lax.scan(
         scan_body, state.astype(jnp.float32), time_major_inputs
     )
@@ -172,6 +179,7 @@ def wkv7_parallel(
     b: jax.Array,
     state: jax.Array,
     chunk_size: int = 32,
+    reset: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked (training) form of the RWKV-7 recurrence; same results as ``wkv7_oracle``.
 
@@ -207,10 +215,17 @@ def wkv7_parallel(
     recurrence and zero its gradient, and values cannot be checked at trace time. Callers with
     stronger decays must use a smaller chunk_size or ``wkv7_oracle`` (which accepts any logw).
 
+    Document resets (``reset`` True at a token zeroes the state before it) are masks on finite
+    values, never a -inf log-decay: in-chunk pairs (B̃, K̃, Rb, Rk) are kept only within one
+    document, Xa and Xr (which read S0) only before the chunk's first reset, Bd and Kd (which
+    write S_end) only in the chunk's last document, and e^{λ_{L-1}} in P is 0 if the chunk holds
+    a reset. Then Za vanishes after the first reset, so P and U depend on the last document only.
+
     Args:
       r, logw, k, v, a, b: ``[B, T, H, N]``; logw ≥ -0.6066 (see above).
       state: ``[B, H, N, N]`` initial state, ``[value, key]``.
       chunk_size: L; capped at T. 32 or 64 are good choices.
+      reset: ``[B, T]`` bool document starts, or None.
 
     Returns:
       ``(y, final_state)``: y ``[B, T, H, N]`` fp32, final_state ``[B, H, N, N]`` fp32 (after the
@@ -250,6 +265,13 @@ def wkv7_parallel(
 
     strictly_lower = jnp.tril(jnp.ones((chunk_size, chunk_size), dtype=bool), k=-1)
     lower = jnp.tril(jnp.ones((chunk_size, chunk_size), dtype=bool))
+    if reset is not None:
+        reset = jnp.pad(reset, ((0, 0), (0, padded_len - seq_len))).reshape(batch, 1, num_chunks, chunk_size)
+        documents = jnp.cumsum(reset, axis=-1)[..., None]  # documents started so far, [B, 1, nC, L, 1]
+        same_document = documents == jnp.swapaxes(documents, -1, -2)  # [B, 1, nC, L, L]
+        strictly_lower, lower = strictly_lower & same_document, lower & same_document
+        before_first_reset = documents == 0
+        in_last_document = documents == documents[..., -1:, :]
 
     def pairwise(queries, keys, mask):
         # [.., L, N] x [.., L, N] -> [.., L, L]; masked entries may be huge but are finite.
@@ -262,6 +284,8 @@ def wkv7_parallel(
 
     # Pass 1, all chunks at once: one unit-lower-triangular solve with both right-hand sides.
     a_from_start = a * jnp.exp(log_decay_excl)  # Xa: reads the chunk's start state
+    if reset is not None:
+        a_from_start = jnp.where(before_first_reset, a_from_start, 0.0)
     k_tilde_v = _einsum("...ti,...in->...tn", k_tilde, v)
     solved = _solve_unit_lower(b_tilde, jnp.concatenate([a_from_start, k_tilde_v], axis=-1))
     sa_from_start, sa_from_chunk = solved[..., :dim], solved[..., dim:]  # Za, Zv
@@ -270,6 +294,10 @@ def wkv7_parallel(
     b_to_end = b * decay_to_end
     k_to_end = k * decay_to_end
     decay_over_chunk = jnp.exp(log_decay_last[..., 0, :])  # diagonal of D, [B, H, nC, N]
+    if reset is not None:
+        b_to_end = jnp.where(in_last_document, b_to_end, 0.0)
+        k_to_end = jnp.where(in_last_document, k_to_end, 0.0)
+        decay_over_chunk = jnp.where(before_first_reset[..., -1, :], decay_over_chunk, 0.0)
     chunk_p = decay_over_chunk[..., :, None] * jnp.eye(dim, dtype=jnp.float32) + _einsum(
         "...tc,...tj->...cj", sa_from_start, b_to_end
     )  # [B, H, nC, N(key), N(key)]
@@ -289,6 +317,8 @@ def wkv7_parallel(
 
     # Pass 2, all chunks at once.
     r_from_start = r * jnp.exp(log_decay_incl)  # Xr
+    if reset is not None:
+        r_from_start = jnp.where(before_first_reset, r_from_start, 0.0)
     sa = _einsum("...tc,...ic->...ti", sa_from_start, start_states) + sa_from_chunk
     y = (
         _einsum("...tc,...ic->...ti", r_from_start, start_states)

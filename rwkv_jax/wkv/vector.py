@@ -34,10 +34,21 @@ def _output(aa: Array, bb: Array, pp: Array, u: Array, k: Array, v: Array) -> Ar
     return (e_state * aa + e_token * v) / (e_state * bb + e_token)
 
 
-def wkv4_step(k: Array, v: Array, log_decay: Array, u: Array, state: State) -> tuple[Array, State]:
-    """One token. `k, v [B, A]`, `log_decay, u [A]`, state `(aa, bb, pp)` each `[B, A]` float32."""
-    k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+def _cleared(state: State, reset: Array | None) -> State:
+    """`state` with the rows where `reset [B]` is True set to the zero state (aa = bb = 0, pp = -1e30)."""
+    if reset is None:
+        return state
     aa, bb, pp = state
+    keep = ~reset[:, None]
+    return jnp.where(keep, aa, 0.0), jnp.where(keep, bb, 0.0), jnp.where(keep, pp, EMPTY_LOG_SCALE)
+
+
+def wkv4_step(k: Array, v: Array, log_decay: Array, u: Array, state: State, reset: Array | None = None
+              ) -> tuple[Array, State]:
+    """One token. `k, v [B, A]`, `log_decay, u [A]`, state `(aa, bb, pp)` each `[B, A]` float32;
+    `reset [B]` bool clears the state first (the token starts a new document)."""
+    k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+    aa, bb, pp = _cleared(state, reset)
     y = _output(aa, bb, pp, u, k, v)
     decayed = pp + log_decay
     q = jnp.maximum(decayed, k)
@@ -45,13 +56,16 @@ def wkv4_step(k: Array, v: Array, log_decay: Array, u: Array, state: State) -> t
     return y, (e_state * aa + e_token * v, e_state * bb + e_token, q)
 
 
-def wkv4_oracle(k: Array, v: Array, log_decay: Array, u: Array, state: State) -> tuple[Array, State]:
-    """Token-by-token reference. `k, v [B, T, A]` -> `y [B, T, A]` float32 and the final state."""
-    def body(carry: State, kv: tuple[Array, Array]) -> tuple[State, Array]:
-        y, carry = wkv4_step(kv[0], kv[1], log_decay, u, carry)
+def wkv4_oracle(k: Array, v: Array, log_decay: Array, u: Array, state: State, reset: Array | None = None
+                ) -> tuple[Array, State]:
+    """Token-by-token reference. `k, v [B, T, A]` -> `y [B, T, A]` float32 and the final state;
+    `reset [B, T]` bool marks document starts (see `rwkv_jax.wkv`)."""
+    def body(carry: State, inputs: tuple[Array, ...]) -> tuple[State, Array]:
+        y, carry = wkv4_step(*inputs[:2], log_decay, u, carry, *inputs[2:])
         return carry, y
 
-    state, y = jax.lax.scan(body, state, (jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)))
+    inputs = (k, v) if reset is None else (k, v, reset)
+    state, y = jax.lax.scan(body, state, tuple(jnp.swapaxes(x, 0, 1) for x in inputs))
     return jnp.swapaxes(y, 0, 1), state
 
 
@@ -88,7 +102,8 @@ def _step(carry: State, kv: tuple[Array, Array], log_decay: Array, u: Array) -> 
     return _merge(p + log_decay, a, b, k, v, jnp.ones_like(v)), y
 
 
-def wkv4_parallel(k: Array, v: Array, log_decay: Array, u: Array, state: State) -> tuple[Array, State]:
+def wkv4_parallel(k: Array, v: Array, log_decay: Array, u: Array, state: State, reset: Array | None = None
+                  ) -> tuple[Array, State]:
     """Chunked parallel form; same contract as `wkv4_oracle`, O(T·A) memory.
 
     The T tokens are cut into chunks of L = `_CHUNK` tokens (the last one padded). Three passes,
@@ -108,6 +123,10 @@ def wkv4_parallel(k: Array, v: Array, log_decay: Array, u: Array, state: State) 
     Every exponent that is exponentiated is ≤ 0 (max trick), so keys up to fp32's e^k overflow
     (k ≈ 88) and beyond stay finite. The walk is rematerialised in the backward pass, so only
     its carried states are stored.
+
+    With `reset [B, T]` (document starts), a chunk's summary sums only the tokens of its last
+    document, a segment that contains a reset replaces everything before it in the scan (a
+    select, never a -inf log-scale), and the walk clears its carry before a reset token.
 
     The returned state has the oracle's values (pp is the largest exponent). Its gradients agree
     with the oracle's through what the state means, the sums aa·e^pp and bb·e^pp (all that y of a
@@ -130,8 +149,16 @@ def wkv4_parallel(k: Array, v: Array, log_decay: Array, u: Array, state: State) 
     #    fusions. einsum for the weighted sum: XLA:CPU reduces sum(x * y) over a middle axis
     #    several times slower.)
     z = kc + jnp.arange(size - 1, -1, -1, dtype=jnp.float32)[:, None] * log_decay
-    p_chunk = jax.lax.stop_gradient(jnp.max(z, axis=2))
-    e = jnp.exp(z - p_chunk[:, :, None])
+    if reset is None:
+        p_chunk = jax.lax.stop_gradient(jnp.max(z, axis=2))
+        e = jnp.exp(z - p_chunk[:, :, None])
+    else:
+        reset_c = jnp.pad(reset, ((0, 0), (0, padding))).reshape(batch, num_chunks, size)
+        documents = jnp.cumsum(reset_c, axis=2)  # documents started so far in the chunk
+        in_last = (documents == documents[:, :, -1:])[..., None]  # [B, chunks, L, 1]
+        # Only the chunk's last document counts; its last token is always in it, so p is finite.
+        p_chunk = jax.lax.stop_gradient(jnp.max(jnp.where(in_last, z, EMPTY_LOG_SCALE), axis=2))
+        e = jnp.where(in_last, jnp.exp(jnp.where(in_last, z - p_chunk[:, :, None], 0.0)), 0.0)
     summaries = (p_chunk, jnp.einsum("bcla,bcla->bca", e, vc), jnp.sum(e, axis=2))
 
     # 2. State before each chunk: inclusive scan over [initial state, chunks 0 … C−2] (nothing
@@ -141,24 +168,41 @@ def wkv4_parallel(k: Array, v: Array, log_decay: Array, u: Array, state: State) 
         n_r, p_r, a_r, b_r = right
         return (n_l + n_r, *_merge(p_l + n_r * log_decay, a_l, b_l, p_r, a_r, b_r))
 
+    def combine_with_resets(left, right):
+        # A right segment that starts a document drops the left one (and so do later ones).
+        merged = combine(left[:4], right[:4])
+        restarts = right[4]
+        return (*(jnp.where(restarts, r, m) for r, m in zip(right[:4], merged)), left[4] | restarts)
+
     lengths = jnp.concatenate(
         [jnp.zeros((batch, 1, 1)), jnp.full((batch, num_chunks - 1, 1), float(size))], axis=1)
     elements = (lengths,) + tuple(
         jnp.concatenate([s[:, None], c[:, :-1]], axis=1) for s, c in zip((pp, aa, bb), summaries))
-    _, *starts = jax.lax.associative_scan(combine, elements, axis=1)
+    if reset is None:
+        _, *starts = jax.lax.associative_scan(combine, elements, axis=1)
+    else:
+        restarts = jnp.concatenate([jnp.zeros((batch, 1, 1), bool), reset_c[:, :-1].any(axis=2, keepdims=True)], axis=1)
+        _, *starts, _ = jax.lax.associative_scan(combine_with_resets, (*elements, restarts), axis=1)
 
     # 3. Walk every chunk from its start state, position by position. (Checkpointed: the backward
     #    pass recomputes each step from the carried state instead of storing its intermediates.)
     @jax.checkpoint
     def walk(carry, inputs):
-        k_t, v_t, real = inputs
+        k_t, v_t, real = inputs[:3]
+        if reset is not None:
+            starts_document = inputs[3]
+            carry = (jnp.where(starts_document, EMPTY_LOG_SCALE, carry[0]),
+                     *(jnp.where(starts_document, 0.0, c) for c in carry[1:]))
         new_carry, y = _step(carry, (k_t, v_t), log_decay, u)
         return tuple(jnp.where(real, n, c) for n, c in zip(new_carry, carry)), y
 
     token = jnp.arange(num_chunks * size).reshape(num_chunks, size)
     real = (token < seq_len).T[:, None, :, None]  # [L, 1, chunks, 1]
     by_position = lambda x: jnp.moveaxis(x, 2, 0)  # [L, B, chunks, A]
-    (p, a, b), y = jax.lax.scan(walk, tuple(starts), (by_position(kc), by_position(vc), real))
+    walked = (by_position(kc), by_position(vc), real)
+    if reset is not None:
+        walked += (by_position(reset_c[..., None]),)
+    (p, a, b), y = jax.lax.scan(walk, tuple(starts), walked)
     y = jnp.moveaxis(y, 0, 2).reshape(batch, num_chunks * size, channels)[:, :seq_len]
     return y, (a[:, -1], b[:, -1], p[:, -1])
 

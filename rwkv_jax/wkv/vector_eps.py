@@ -25,6 +25,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from rwkv_jax.wkv.vector import EMPTY_LOG_SCALE
+
 Array = jax.Array
 State = tuple[Array, Array, Array]
 
@@ -42,10 +44,19 @@ def _output(aa: Array, bb: Array, pp: Array, u: Array, k: Array, v: Array, eps: 
     return (e_state * aa + e_token * v) / (e_state * bb + e_token + e_eps)
 
 
-def wkv3_step(k: Array, v: Array, log_decay: Array, u: Array, eps: float, state: State) -> tuple[Array, State]:
-    """One token. `k, v [B, A]`, `log_decay, u [A]`, state `(aa, bb, pp)` each `[B, A]` float32."""
-    k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+def _cleared(state: State, reset: Array) -> State:
+    """`state` with the rows (or positions) where `reset` is True set to the zero state."""
     aa, bb, pp = state
+    keep = ~reset[..., None]
+    return jnp.where(keep, aa, 0.0), jnp.where(keep, bb, 0.0), jnp.where(keep, pp, EMPTY_LOG_SCALE)
+
+
+def wkv3_step(k: Array, v: Array, log_decay: Array, u: Array, eps: float, state: State,
+              reset: Array | None = None) -> tuple[Array, State]:
+    """One token. `k, v [B, A]`, `log_decay, u [A]`, state `(aa, bb, pp)` each `[B, A]` float32;
+    `reset [B]` bool clears the state first (the token starts a new document)."""
+    k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+    aa, bb, pp = state if reset is None else _cleared(state, reset)
     y = _output(aa, bb, pp, u, k, v, eps)
     decayed = pp + log_decay
     q = jnp.maximum(decayed, k)
@@ -53,13 +64,16 @@ def wkv3_step(k: Array, v: Array, log_decay: Array, u: Array, eps: float, state:
     return y, (e_state * aa + e_token * v, e_state * bb + e_token, q)
 
 
-def wkv3_oracle(k: Array, v: Array, log_decay: Array, u: Array, eps: float, state: State) -> tuple[Array, State]:
-    """Token-by-token reference. `k, v [B, T, A]` -> `y [B, T, A]` float32 and the final state."""
-    def body(carry: State, kv: tuple[Array, Array]) -> tuple[State, Array]:
-        y, carry = wkv3_step(kv[0], kv[1], log_decay, u, eps, carry)
+def wkv3_oracle(k: Array, v: Array, log_decay: Array, u: Array, eps: float, state: State,
+                reset: Array | None = None) -> tuple[Array, State]:
+    """Token-by-token reference. `k, v [B, T, A]` -> `y [B, T, A]` float32 and the final state;
+    `reset [B, T]` bool marks document starts."""
+    def body(carry: State, inputs: tuple[Array, ...]) -> tuple[State, Array]:
+        y, carry = wkv3_step(*inputs[:2], log_decay, u, eps, carry, *inputs[2:])
         return carry, y
 
-    state, y = jax.lax.scan(body, state, (jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)))
+    inputs = (k, v) if reset is None else (k, v, reset)
+    state, y = jax.lax.scan(body, state, tuple(jnp.swapaxes(x, 0, 1) for x in inputs))
     return jnp.swapaxes(y, 0, 1), state
 
 
@@ -73,12 +87,14 @@ def _combine(left: tuple[Array, ...], right: tuple[Array, ...], log_decay: Array
     return n_l + n_r, p, e_l * a_l + e_r * a_r, e_l * b_l + e_r * b_r
 
 
-def wkv3_parallel(k: Array, v: Array, log_decay: Array, u: Array, eps: float, state: State) -> tuple[Array, State]:
+def wkv3_parallel(k: Array, v: Array, log_decay: Array, u: Array, eps: float, state: State,
+                  reset: Array | None = None) -> tuple[Array, State]:
     """`jax.lax.associative_scan` over tokens; same contract as `wkv3_oracle`, O(T·A) memory.
 
     Token t is the segment (1, k_t, v_t, 1) and the initial state a segment of length 0; the
     inclusive scan of [state, token_0, ..., token_{T-1}] gives the state before every token and
-    after the last one.
+    after the last one. With `reset [B, T]`, a segment holding a document start replaces (by a
+    select) everything before it, and a reset token reads the zero state.
     """
     k, v = k.astype(jnp.float32), v.astype(jnp.float32)
     aa, bb, pp = state
@@ -90,6 +106,16 @@ def wkv3_parallel(k: Array, v: Array, log_decay: Array, u: Array, eps: float, st
         jnp.concatenate([aa[:, None], v], axis=1),
         jnp.concatenate([bb[:, None], jnp.ones_like(k)], axis=1),
     )
-    _, p, a, b = jax.lax.associative_scan(lambda l, r: _combine(l, r, log_decay), elements, axis=1)
-    y = _output(a[:, :-1], b[:, :-1], p[:, :-1], u, k, v, eps)
+    if reset is None:
+        _, p, a, b = jax.lax.associative_scan(lambda l, r: _combine(l, r, log_decay), elements, axis=1)
+        before = (a[:, :-1], b[:, :-1], p[:, :-1])
+    else:
+        def combine_with_resets(left, right):
+            merged = _combine(left[:4], right[:4], log_decay)
+            return (*(jnp.where(right[4], r, m) for r, m in zip(right[:4], merged)), left[4] | right[4])
+
+        restarts = jnp.concatenate([jnp.zeros((B, 1), bool), reset], axis=1)[..., None]
+        _, p, a, b, _ = jax.lax.associative_scan(combine_with_resets, (*elements, restarts), axis=1)
+        before = _cleared((a[:, :-1], b[:, :-1], p[:, :-1]), reset)
+    y = _output(*before, u, k, v, eps)
     return y, (a[:, -1], b[:, -1], p[:, -1])
