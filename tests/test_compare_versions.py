@@ -61,6 +61,7 @@ TINY = dataclasses.replace(cv.PRESETS["smoke"], n_embd=16, head_size=8, charlm_s
                            log_every=1)
 
 
+@pytest.mark.slow  # three compiled train steps: about two minutes on a loaded 2-core CPU
 def test_a_tiny_run_writes_results_tables_and_plots(tmp_path):
     records = cv.run(TINY, versions=(4,), out=tmp_path, log=lambda line: None)
     assert [(r["task"], r["version"]) for r in records] == [("charlm", 4), ("mqar", 4), ("state", 4)]
