@@ -81,3 +81,42 @@ def test_sentencepiece_trains_on_the_corpus_and_round_trips(tmp_path):
 def test_unknown_tokenizer_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="tokenizer must be"):
         data_lib.make_tokenizer("gpt2", tmp_path / "x.txt", tmp_path, 100)
+
+
+def test_magic_prime_is_the_official_one():
+    # Largest prime p ≡ 2 (mod 3) below num_tokens / ctx_len - 1: 1000/10 - 1 = 99 -> 89 (97 ≡ 1).
+    assert data_lib.magic_prime(1000, 10) == 89
+    # The official MiniPile demo: 1498226207 tokens at ctx_len 512 -> magic_prime 2926181 (spec §9.9).
+    assert data_lib.magic_prime(1498226207, 512) == 2926181
+
+
+def test_magic_prime_sampler_visits_every_aligned_crop_once_per_pass_and_ignores_the_seed():
+    tokens = np.arange(5000, dtype=np.uint16)
+    data = data_lib.TokenData(tokens, val_fraction=0.1)           # 4500 train tokens
+    ctx_len, batch_size = 16, 4
+    p = data_lib.magic_prime(len(data.train), ctx_len)
+    assert p == 269                                               # 277, 271 are ≡ 1 (mod 3)
+    offsets = np.concatenate([data.train_offsets(0, step, batch_size, ctx_len, "magic_prime")
+                              for step in range(-(-p // batch_size))])[:p]
+    assert sorted(offsets) == list(range(0, p * ctx_len, ctx_len))   # a permutation of the crops
+    assert not np.array_equal(offsets, np.sort(offsets))              # scrambled
+    batch = data.train_batch(5, 3, batch_size, ctx_len, "magic_prime")
+    assert np.array_equal(batch, data.train_batch(0, 3, batch_size, ctx_len, "magic_prime"))
+    assert batch.shape == (batch_size, ctx_len + 1) and batch.max() < len(data.train)
+    # Sample n = 1 + step·B + row, offset ((f·n³) mod p)·ctx_len with f = int(p·(√5−1)/2).
+    f = int(p * (5**0.5 - 1) / 2)
+    assert batch[2, 0] == (f * (1 + 3 * batch_size + 2) ** 3 % p) * ctx_len
+
+
+def test_world_tokens_go_through_the_same_memmapped_pipeline(tmp_path):
+    text = "Hello world, packed documents.\nZweite Zeile: ünïcödé 你好\n" * 20
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    world = data_lib.make_tokenizer("world", tmp_path / "t.txt", tmp_path / "cache", 0)
+    assert world.vocab_size == 65536
+    npy = data_lib.prepare_tokens(str(tmp_path / "t.txt"), world, tmp_path / "cache")
+    assert "world" in npy.name
+    tokens = np.load(npy, mmap_mode="r")
+    assert tokens.dtype == np.uint16 and len(tokens) < len(text.encode("utf-8")) / 2
+    assert world.decode(tokens) == text
+    assert int(world.token_bytes()[np.asarray(tokens)].sum()) == len(text.encode("utf-8"))
+    assert world.token_bytes()[0] == 0                           # end-of-document has no bytes

@@ -30,9 +30,14 @@ class TrainConfig:
     Model: version, n_layer, n_embd, head_size, dtype (compute), param_dtype (master weights),
       wkv, init_from (an official `.pth` to fine-tune; its sizes replace the ones here).
     Data: data (a text file, a token `.npy`, or "shakespeare" for the built-in corpus),
-      tokenizer ("byte", "sentencepiece" to train one on the data, or a `.model` path),
-      sp_vocab_size, val_fraction (the tail of the tokens held out), ctx_len, batch_size
-      (global, over all devices).
+      tokenizer ("byte", "world" for the RWKV World vocabulary (65536 ids), "sentencepiece" to
+      train one on the data, or a `.model` path), sp_vocab_size, val_fraction (the tail of the
+      tokens held out), ctx_len, batch_size (global, over all devices), sampler ("random" crops,
+      or "magic_prime": the official binidx order, every ctx_len-aligned crop once per pass,
+      independent of the seed), doc_sep (an end-of-document token id, e.g. 0 in official binidx
+      data: the token after each one starts a new document and the recurrent state is reset
+      there, so packed documents do not see each other; None = one stream; not for RWKV-1..3,
+      whose copy head / time mix use absolute positions).
     Optimiser: lr -> lr_final over `steps` after `warmup_steps`, schedule ("cosine" | "exp"),
       warmup_floor, weight_decay (only on the large matrices), beta1, beta2, eps, grad_clip
       (global norm; 0 disables), layerwise_lr (the official per-parameter multipliers),
@@ -60,6 +65,8 @@ class TrainConfig:
     val_fraction: float = 0.05
     ctx_len: int = 512
     batch_size: int = 16
+    sampler: str = "random"
+    doc_sep: int | None = None
     # optimiser
     lr: float = 6e-4
     lr_final: float = 6e-5
@@ -91,6 +98,11 @@ class TrainConfig:
     export_pth: bool = False
 
     def __post_init__(self) -> None:
+        if self.sampler not in ("random", "magic_prime"):
+            raise ConfigError(f"TrainConfig: sampler must be 'random' or 'magic_prime', got {self.sampler!r}")
+        if self.doc_sep is not None and self.version <= 3:
+            raise ConfigError(f"TrainConfig: doc_sep (document resets) is not supported for RWKV-{self.version}: "
+                              "its copy head and (v1) time mix use absolute positions")
         if self.schedule not in (None, "cosine", "exp"):
             raise ConfigError(f"TrainConfig: schedule must be 'cosine' or 'exp', got {self.schedule!r}")
         for name in ("n_layer", "n_embd", "ctx_len", "batch_size", "steps", "log_every", "eval_every",

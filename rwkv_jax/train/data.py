@@ -1,12 +1,14 @@
 """Text -> token arrays on disk -> deterministic random crops.
 
-- Tokenizers: `ByteTokenizer` (token = byte value, V = 256) and `SentencePieceTokenizer` (load a
-  `.model`, or train one on the corpus with `train_sentencepiece`).
+- Tokenizers: `ByteTokenizer` (token = byte value, V = 256), `WorldTokens` (the RWKV World
+  vocabulary, V = 65536) and `SentencePieceTokenizer` (load a `.model`, or train one on the
+  corpus with `train_sentencepiece`).
 - `tokenize_file` writes the tokens of a text file to a `.npy` (uint16 when V <= 65536, else
   uint32), streaming so the text never has to fit in memory; `TokenData` memory-maps it.
 - `TokenData.train_batch(seed, step, B, T)` draws B random crops of T+1 tokens from the training
   split with `np.random.default_rng([seed, step])`: a batch depends only on (seed, step), so a
-  resumed run sees exactly the batches an uninterrupted one would.
+  resumed run sees exactly the batches an uninterrupted one would. `sampler="magic_prime"` takes
+  the official binidx order instead (`magic_prime_offsets`), a function of the step alone.
 - The validation split is the last `val_fraction` of the tokens; `eval_batches` tiles it (or any
   token array) with consecutive windows.
 """
@@ -65,6 +67,29 @@ class ByteTokenizer:
 
     def token_bytes(self) -> np.ndarray:
         return np.ones(256, np.int64)
+
+
+class WorldTokens:
+    """The RWKV World tokenizer (`rwkv_jax.tokenizers.WorldTokenizer`, V = 65536) with the numpy
+    interface training uses. Id 0 is end-of-document and has no bytes."""
+
+    def __init__(self):
+        from rwkv_jax.tokenizers import WorldTokenizer
+
+        self.world = WorldTokenizer()
+        self.vocab_size = self.world.vocab_size
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.world.encode(text), np.int64)
+
+    def decode(self, tokens: np.ndarray) -> str:
+        return self.world.decode_bytes([int(t) for t in tokens if t != self.world.eod_id]).decode("utf-8", "replace")
+
+    def token_bytes(self) -> np.ndarray:
+        sizes = np.zeros(self.vocab_size, np.int64)
+        for token_id, data in self.world._id_to_bytes.items():
+            sizes[token_id] = len(data)
+        return sizes
 
 
 class SentencePieceTokenizer:
@@ -198,20 +223,57 @@ class TokenData:
     def val(self) -> np.ndarray:
         return self.tokens[self.split:]
 
-    def train_offsets(self, seed: int, step: int, batch_size: int, ctx_len: int) -> np.ndarray:
-        """Start offsets `[B]` of step `step`'s crops: a pure function of (seed, step)."""
+    def train_offsets(self, seed: int, step: int, batch_size: int, ctx_len: int, sampler: str = "random"
+                      ) -> np.ndarray:
+        """Start offsets `[B]` of step `step`'s crops: a pure function of (seed, step), or of the
+        step alone for `sampler="magic_prime"` (see `magic_prime_offsets`)."""
         high = len(self.train) - ctx_len - 1
         if high < 1:
             raise ConfigError(f"the training split ({len(self.train)} tokens) is shorter than ctx_len+1={ctx_len + 1}")
+        if sampler == "magic_prime":
+            return magic_prime_offsets(len(self.train), step, batch_size, ctx_len)
         return np.random.default_rng([seed, step]).integers(0, high, size=batch_size, endpoint=True)
 
-    def train_batch(self, seed: int, step: int, batch_size: int, ctx_len: int) -> np.ndarray:
+    def train_batch(self, seed: int, step: int, batch_size: int, ctx_len: int, sampler: str = "random"
+                    ) -> np.ndarray:
         """`[B, ctx_len + 1]` int32 crops of the training split for step `step`."""
-        return self.crops(self.train, self.train_offsets(seed, step, batch_size, ctx_len), ctx_len)
+        return self.crops(self.train, self.train_offsets(seed, step, batch_size, ctx_len, sampler), ctx_len)
 
     @staticmethod
     def crops(tokens: np.ndarray, offsets: np.ndarray, ctx_len: int) -> np.ndarray:
         return np.stack([np.asarray(tokens[o:o + ctx_len + 1]) for o in offsets]).astype(np.int32)
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    return all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def magic_prime(num_tokens: int, ctx_len: int) -> int:
+    """The official `magic_prime` of a data set: the largest prime p ≡ 2 (mod 3) below
+    num_tokens / ctx_len - 1 (spec §10)."""
+    p = math.ceil(num_tokens / ctx_len - 1) - 1
+    while p >= 2 and not (p % 3 == 2 and _is_prime(p)):
+        p -= 1
+    if p < 2:
+        raise ConfigError(f"{num_tokens} tokens hold too few crops of ctx_len={ctx_len} for the magic-prime sampler")
+    return p
+
+
+def magic_prime_offsets(num_tokens: int, step: int, batch_size: int, ctx_len: int) -> np.ndarray:
+    """Start offsets `[B]` of step `step` in the official binidx order (RWKV-v5 `src/dataset.py`):
+    global sample n = 1 + step·B + row goes to `((f·n³) mod p)·ctx_len` with p = `magic_prime`
+    and f = int(p·(√5−1)/2).
+
+    p ≡ 2 (mod 3) makes n ↦ n³ a bijection mod p and f is coprime to p, so every p consecutive
+    samples visit each of the p crops at offsets 0, ctx_len, …, (p−1)·ctx_len exactly once, in a
+    scrambled order; a crop of ctx_len + 1 tokens starting there always fits.
+    """
+    p = magic_prime(num_tokens, ctx_len)
+    factor = int(p * (math.sqrt(5) - 1) / 2)
+    n = 1 + step * batch_size + np.arange(batch_size, dtype=object)  # Python ints: n³ overflows int64
+    return np.asarray([(factor * int(i) ** 3) % p * ctx_len for i in n], np.int64)
 
 
 def eval_batches(tokens: np.ndarray, ctx_len: int, batch_size: int, max_batches: int | None
@@ -235,9 +297,12 @@ def eval_batches(tokens: np.ndarray, ctx_len: int, batch_size: int, max_batches:
 
 
 def make_tokenizer(spec: str, text_path: Path, cache_dir: Path, vocab_size: int) -> Tokenizer:
-    """`"byte"`, a `.model` path, or `"sentencepiece"` (train one on `text_path`, cached in `cache_dir`)."""
+    """`"byte"`, `"world"`, a `.model` path, or `"sentencepiece"` (train one on `text_path`, cached in
+    `cache_dir`)."""
     if spec == "byte":
         return ByteTokenizer()
+    if spec == "world":
+        return WorldTokens()
     if spec == "sentencepiece":
         prefix = cache_dir / f"sp{vocab_size}-{file_digest(text_path)}"
         if Path(f"{prefix}.model").exists():
@@ -246,14 +311,14 @@ def make_tokenizer(spec: str, text_path: Path, cache_dir: Path, vocab_size: int)
         return train_sentencepiece(text_path, prefix, vocab_size)
     if spec.endswith(".model"):
         return SentencePieceTokenizer(spec)
-    raise ConfigError(f"tokenizer must be 'byte', 'sentencepiece' or a sentencepiece .model path, got {spec!r}")
+    raise ConfigError(f"tokenizer must be 'byte', 'world', 'sentencepiece' or a sentencepiece .model path, got {spec!r}")
 
 
 def tokenizer_tag(tokenizer: Tokenizer) -> str:
     """A short name that changes whenever the token ids would (names the token cache)."""
     if isinstance(tokenizer, SentencePieceTokenizer):
         return "sp-" + file_digest(tokenizer.model_file)
-    return "byte"
+    return "world" if isinstance(tokenizer, WorldTokens) else "byte"
 
 
 def prepare_tokens(data: str, tokenizer: Tokenizer, cache_dir: Path) -> Path:

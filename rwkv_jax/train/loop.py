@@ -53,9 +53,26 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> rj.RWKVConfig:
                          **({"ctx_len": cfg.ctx_len} if cfg.version <= 3 else {}))
 
 
-def loss_fn(model: rj.RWKV, params: PyTree, batch: Array, l2wrap_factor: float) -> Array:
-    """Mean next-token cross-entropy of `batch [B, T+1]` (L2Wrap adds only a gradient)."""
-    logits, _ = model.apply({"params": params}, batch[:, :-1])
+def document_starts(inputs: Array, doc_sep: int) -> Array:
+    """`reset [B, T]` bool of packed documents: True at every token that follows an end-of-document
+    token `doc_sep` in `inputs [B, T]` (the crop's first token starts from `init_state` anyway)."""
+    ends = inputs == doc_sep
+    return jnp.concatenate([jnp.zeros_like(ends[:, :1]), ends[:, :-1]], axis=1)
+
+
+def forward(model: rj.RWKV, params: PyTree, inputs: Array, doc_sep: int | None) -> Array:
+    """Logits `[B, T, V]` of `inputs [B, T]` from `init_state`, resetting the state after every
+    `doc_sep` token when it is set."""
+    reset = None if doc_sep is None else document_starts(inputs, doc_sep)
+    logits, _ = model.apply({"params": params}, inputs, None, reset)
+    return logits
+
+
+def loss_fn(model: rj.RWKV, params: PyTree, batch: Array, l2wrap_factor: float, doc_sep: int | None = None
+            ) -> Array:
+    """Mean next-token cross-entropy of `batch [B, T+1]` (L2Wrap adds only a gradient); with
+    `doc_sep`, packed documents (see `document_starts`)."""
+    logits = forward(model, params, batch[:, :-1], doc_sep)
     loss = cross_entropy(logits, batch[:, 1:])
     return l2wrap(loss, logits, l2wrap_factor) if l2wrap_factor > 0 else loss
 
@@ -64,12 +81,12 @@ def _all_finite(tree: PyTree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def make_train_step(model: rj.RWKV, tx: optax.GradientTransformation, l2wrap_factor: float
-                    ) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
+def make_train_step(model: rj.RWKV, tx: optax.GradientTransformation, l2wrap_factor: float,
+                    doc_sep: int | None = None) -> Callable[[TrainState, Array], tuple[TrainState, dict[str, Array]]]:
     """`(state, batch [B, T+1]) -> (state, {"loss", "grad_norm", "finite"})` (not jitted)."""
 
     def step(state: TrainState, batch: Array) -> tuple[TrainState, dict[str, Array]]:
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(model, p, batch, l2wrap_factor))(state["params"])
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(model, p, batch, l2wrap_factor, doc_sep))(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
@@ -81,13 +98,14 @@ def make_train_step(model: rj.RWKV, tx: optax.GradientTransformation, l2wrap_fac
     return step
 
 
-def make_eval_step(model: rj.RWKV, token_bytes: np.ndarray) -> Callable[[PyTree, Array, Array], dict[str, Array]]:
+def make_eval_step(model: rj.RWKV, token_bytes: np.ndarray, doc_sep: int | None = None
+                   ) -> Callable[[PyTree, Array, Array], dict[str, Array]]:
     """`(params, batch [B, T+1], row_weight [B]) -> {"nll", "tokens", "bytes"}` sums over the
     weighted rows (padding rows have weight 0), for loss = nll/tokens and bpb = nll/ln2/bytes."""
     table = jnp.asarray(token_bytes, jnp.float32)
 
     def step(params: PyTree, batch: Array, weight: Array) -> dict[str, Array]:
-        logits, _ = model.apply({"params": params}, batch[:, :-1])
+        logits = forward(model, params, batch[:, :-1], doc_sep)
         targets = batch[:, 1:]
         nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
         w = weight[:, None].astype(jnp.float32)
@@ -126,23 +144,16 @@ def _format_eta(seconds: float) -> str:
 
 # ----------------------------------------------------------------------------- reporting
 
-def _tensorboard_writer(directory: Path) -> Any:
-    """A tensorboardX SummaryWriter, or None when tensorboardX is not installed (it is optional)."""
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(directory))
-
-
 class MetricsLog:
-    """Appends one JSON object per record to `out/metrics.jsonl` (and TensorBoard if importable);
-    only process 0 writes."""
+    """Appends one JSON object per record to `out/metrics.jsonl` and its numbers, as scalars by
+    step, to TensorBoard event files in `out/tb` (tensorboardX); only process 0 writes."""
 
     def __init__(self, out: Path):
+        from tensorboardX import SummaryWriter
+
         self.enabled = jax.process_index() == 0
         self.path = out / "metrics.jsonl"
-        self.tb = _tensorboard_writer(out / "tb") if self.enabled else None
+        self.tb = SummaryWriter(str(out / "tb")) if self.enabled else None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -171,7 +182,7 @@ class Run:
     model_cfg: rj.RWKVConfig
     model: rj.RWKV
     tokenizer: data_lib.Tokenizer
-    tokenizer_spec: str                       # "byte", or the .model path (relative to out if inside it)
+    tokenizer_spec: str                       # "byte", "world", or the .model path (relative to out if inside it)
     data: data_lib.TokenData
     tx: optax.GradientTransformation
     mesh: jax.sharding.Mesh
@@ -236,6 +247,8 @@ def build_run(cfg: TrainConfig, devices: list | None = None) -> Run:
 
 def _tokenizer_spec(tokenizer: data_lib.Tokenizer, out: Path) -> str:
     """What `load_tokenizer` needs; a model trained into the run directory moves with it."""
+    if isinstance(tokenizer, data_lib.WorldTokens):
+        return "world"
     if not isinstance(tokenizer, data_lib.SentencePieceTokenizer):
         return "byte"
     path = Path(tokenizer.model_file).resolve()
@@ -244,7 +257,11 @@ def _tokenizer_spec(tokenizer: data_lib.Tokenizer, out: Path) -> str:
 
 def load_tokenizer(spec: str, run_dir: Path) -> data_lib.Tokenizer:
     """The tokenizer a checkpoint was trained with (`Run.tokenizer_spec`)."""
-    return data_lib.ByteTokenizer() if spec == "byte" else data_lib.SentencePieceTokenizer(run_dir / spec)
+    if spec == "byte":
+        return data_lib.ByteTokenizer()
+    if spec == "world":
+        return data_lib.WorldTokens()
+    return data_lib.SentencePieceTokenizer(run_dir / spec)
 
 
 def init_train_state(run: Run) -> TrainState:
@@ -267,7 +284,7 @@ def device_batch(mesh_sharding: jax.sharding.NamedSharding, rows: np.ndarray) ->
 def train_batch(run: Run, step: int) -> Array:
     """Step `step`'s crops `[B, T+1]`; each process reads only the rows its devices hold."""
     cfg = run.cfg
-    offsets = run.data.train_offsets(cfg.seed, step, cfg.batch_size, cfg.ctx_len)
+    offsets = run.data.train_offsets(cfg.seed, step, cfg.batch_size, cfg.ctx_len, cfg.sampler)
     return shard_lib.make_global_batch(
         (cfg.batch_size, cfg.ctx_len + 1), run.batch_sharding,
         lambda rows: data_lib.TokenData.crops(run.data.train, offsets[rows], cfg.ctx_len))
@@ -370,10 +387,10 @@ def _train(run: Run, checkpointer: Checkpointer, metrics_log: MetricsLog, log: C
         f"{count_params(state['params']) / 1e6:.2f}M params; {len(run.data.train)} train / {len(run.data.val)} "
         f"val tokens; mesh {dict(run.mesh.shape)}")
 
-    step_fn = jax.jit(make_train_step(run.model, run.tx, cfg.l2wrap),
+    step_fn = jax.jit(make_train_step(run.model, run.tx, cfg.l2wrap, cfg.doc_sep),
                       in_shardings=(run.state_shardings, run.batch_sharding),
                       out_shardings=(run.state_shardings, None), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(run.model, run.tokenizer.token_bytes()))
+    eval_fn = jax.jit(make_eval_step(run.model, run.tokenizer.token_bytes(), cfg.doc_sep))
     val_batches = data_lib.eval_batches(run.data.val, cfg.ctx_len, cfg.batch_size, cfg.eval_batches)
     schedule = lr_schedule(cfg)
     window = Window(cfg.batch_size * cfg.ctx_len)
@@ -465,7 +482,7 @@ def evaluate(run_dir: str | Path, text: str | Path, best: bool = False, step: in
     n_devices = jax.device_count()
     batch_size = n_devices * max(1, cfg.batch_size // n_devices)
     batches = data_lib.eval_batches(tokens, cfg.ctx_len, batch_size, max_batches)
-    eval_step = jax.jit(make_eval_step(model, tokenizer.token_bytes()))
+    eval_step = jax.jit(make_eval_step(model, tokenizer.token_bytes(), cfg.doc_sep))
     result = evaluate_params(state["params"], eval_step, batches, shard_lib.batch_sharding(shard_lib.make_mesh()))
     return {"step": meta["step"], "loss": result["loss"], "perplexity": math.exp(result["loss"]),
             "bpb": result["bpb"], "tokens": result["tokens"]}
