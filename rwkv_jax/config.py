@@ -10,11 +10,18 @@ import jax.numpy as jnp
 
 SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 WKV_CHOICES = ("auto", "oracle", "parallel", "pallas")
-# The only WKV implementations that exist and are tested today, per version. "auto" picks the
-# first entry; asking for anything not listed fails instead of silently falling back.
+# The WKV implementations that exist and are tested, per version; asking for anything not listed
+# fails instead of silently falling back. "auto" picks "pallas" only where `pallas_is_verified`
+# says so and the first entry otherwise.
 TESTED_WKV = {1: ("parallel", "oracle"), 2: ("parallel", "oracle"), 3: ("parallel", "oracle"),
-              4: ("parallel", "oracle"), 5: ("parallel", "oracle"), 6: ("parallel", "oracle"),
-              7: ("parallel", "oracle")}
+              4: ("parallel", "oracle", "pallas"), 5: ("parallel", "oracle", "pallas"),
+              6: ("parallel", "oracle", "pallas"), 7: ("parallel", "oracle", "pallas")}
+# The kernel module of each version (pallas_kernels.vector / diag / dplr).
+PALLAS_MODULE = {4: "vector", 5: "diag", 6: "diag", 7: "dplr"}
+# Platforms where the compiled kernels have passed their on-device tests (experiments/device_check.sh).
+# Interpret-mode tests on CPU cover the math on both variants, but a kernel that has never been
+# compiled and checked on the hardware is not picked by "auto": fail closed.
+PALLAS_VERIFIED_PLATFORMS: tuple[str, ...] = ()
 DEFAULT_CHUNK_SIZE = {5: 64, 6: 64, 7: 32}
 # The official training scripts' context lengths (RWKV-1/train.py, RWKV-v2-RNN and RWKV-v3 train.py).
 DEFAULT_CTX_LEN = {1: 256, 2: 1024, 3: 1024}
@@ -61,8 +68,9 @@ class RWKVConfig:
       d_w, d_a, d_v, d_g: v7 LoRA widths (decay, in-context rate, value residual, gate),
         defaults from the official formulas in C.
       wkv: recurrence implementation: "oracle" (token-by-token scan), "parallel" (associative
-        scan / chunked), "pallas" (kernels) or "auto" (the best implementation that is tested
-        for this version; fails closed).
+        scan / chunked), "pallas" (the kernels in `pallas_kernels/`, v4-v7; on a CPU backend they
+        run in Pallas interpret mode, which is for testing and slow) or "auto" ("pallas" where
+        `pallas_is_verified`, else "parallel"; fails closed).
       chunk_size: chunk length of the chunked parallel form (v5-v7).
       dtype: compute dtype of activations and matmuls ("float32" or "bfloat16"); the WKV
         recurrence and its state are always float32.
@@ -157,7 +165,7 @@ class RWKVConfig:
         """The concrete WKV implementation `wkv` resolves to; raises if it is not available."""
         tested = TESTED_WKV[self.version]
         if self.wkv == "auto":
-            return tested[0]
+            return "pallas" if pallas_is_verified(self) else tested[0]
         if self.wkv not in tested:
             raise ValueError(f"RWKVConfig: wkv={self.wkv!r} is not available for RWKV-{self.version} "
                              f"(available: {tested})")
@@ -188,3 +196,24 @@ def layer_ratios(layer: Any, n_layer: int) -> tuple[Any, Any]:
     ratio_1_to_almost0 = 1.0 - layer / n_layer
     return ratio_0_to_1, ratio_1_to_almost0
 
+
+
+def pallas_platform() -> str | None:
+    """The Pallas variant the default JAX backend runs ("gpu" or "tpu"); None on CPU."""
+    import jax
+
+    backend = jax.default_backend()
+    return "gpu" if backend in ("cuda", "rocm", "gpu") else "tpu" if backend == "tpu" else None
+
+
+def pallas_is_verified(cfg: RWKVConfig) -> bool:
+    """Whether `wkv="auto"` may use the kernel for `cfg` here: a kernel exists for the version, this
+    backend is in `PALLAS_VERIFIED_PLATFORMS`, and the kernel's tests cover the head size and dtype."""
+    platform = pallas_platform()
+    if cfg.version not in PALLAS_MODULE or platform not in PALLAS_VERIFIED_PLATFORMS:
+        return False
+    import importlib
+
+    kernels = importlib.import_module(f"pallas_kernels.{PALLAS_MODULE[cfg.version]}")
+    width = cfg.head_size if cfg.version >= 5 else cfg.dim_att
+    return kernels.supports(width, cfg.compute_dtype, platform)

@@ -154,6 +154,9 @@ def _check_reset(cfg: RWKVConfig, reset: Array, token_shape: tuple[int, ...]) ->
         raise ValueError(f"document resets are not supported for RWKV-{cfg.version} with its absolute-position "
                          f"{'time mix' if cfg.version == 1 else 'copy head'} (head_qk={cfg.head_qk}); "
                          "use head_qk=0 for RWKV-2/3")
+    if cfg.wkv_impl == "pallas" and token_shape[1] > 1:
+        raise ValueError("the 'pallas' WKV implementation does not support document resets; "
+                         "use wkv='parallel' or 'oracle'")
 
 
 def _check_v1_positions(pos: Array, length: int, ctx_len: int) -> None:

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.diag import wkv6_pallas
 from rwkv_jax.config import RWKVConfig, layer_ratios
 from rwkv_jax.layers import (HeadGroupNorm, channel_ratio, constant, lerp_mix, linear, orthogonal,
                              token_shift)
@@ -15,7 +16,7 @@ from rwkv_jax.wkv import WKVForms, run_wkv
 from rwkv_jax.wkv.diag import wkv6_oracle, wkv6_parallel, wkv6_step
 
 Array = jax.Array
-WKV_DIAG = WKVForms(oracle=wkv6_oracle, parallel=wkv6_parallel, step=wkv6_step)
+WKV_DIAG = WKVForms(oracle=wkv6_oracle, parallel=wkv6_parallel, step=wkv6_step, pallas=wkv6_pallas)
 
 
 def decay_speed(layer: Array, cfg: RWKVConfig) -> Array:

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dplr import wkv7_pallas
 from rwkv_jax.config import RWKVConfig, layer_ratios
 from rwkv_jax.layers import HeadGroupNorm, channel_ratio, constant, linear, lora, maa_mix, orthogonal, token_shift
 from rwkv_jax.versions.v5 import heads, ln_x_scale
@@ -16,7 +17,7 @@ from rwkv_jax.wkv import WKVForms, run_wkv
 from rwkv_jax.wkv.dplr import wkv7_oracle, wkv7_parallel, wkv7_step
 
 Array = jax.Array
-WKV7 = WKVForms(oracle=wkv7_oracle, parallel=wkv7_parallel, step=wkv7_step)
+WKV7 = WKVForms(oracle=wkv7_oracle, parallel=wkv7_parallel, step=wkv7_step, pallas=wkv7_pallas)
 # w = exp(-e^{-0.5} sigmoid(z)) keeps every decay in (0.5453, 1).
 DECAY_SCALE = math.exp(-0.5)
 L2_NORM_EPS = 1e-12

@@ -28,11 +28,13 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class WKVForms:
-    """The three forms of one recurrence family."""
+    """The three forms of one recurrence family, and its Pallas kernel where one exists (v4-v7;
+    same arguments as `parallel`, see `pallas_kernels/`)."""
 
     oracle: Callable[..., tuple[Array, Any]]
     parallel: Callable[..., tuple[Array, Any]]
     step: Callable[..., tuple[Array, Any]]
+    pallas: Callable[..., tuple[Array, Any]] | None = None
 
 
 def run_wkv(forms: WKVForms, impl: str, per_token: tuple[Array, ...], rest: tuple[Any, ...],
@@ -41,7 +43,9 @@ def run_wkv(forms: WKVForms, impl: str, per_token: tuple[Array, ...], rest: tupl
     (bool) or None.
 
     A single token always takes the decoding `step` (that is what `RWKV.step` exercises); longer
-    inputs take `impl` ("oracle" or "parallel").
+    inputs take `impl` ("oracle", "parallel" or "pallas"). `parallel_options` (the chunk size)
+    only reach the parallel form: each kernel picks its own chunk per platform, and runs in
+    Pallas interpret mode where the backend has no Pallas variant (CPU).
     """
     if reset is not None and impl not in ("oracle", "parallel"):
         raise ValueError(f"the {impl!r} WKV implementation does not support document resets; "
@@ -55,4 +59,8 @@ def run_wkv(forms: WKVForms, impl: str, per_token: tuple[Array, ...], rest: tupl
         return forms.oracle(*per_token, *rest, **with_reset)
     if impl == "parallel":
         return forms.parallel(*per_token, *rest, **parallel_options, **with_reset)
+    if impl == "pallas" and forms.pallas is not None:
+        from rwkv_jax.config import pallas_platform
+
+        return forms.pallas(*per_token, *rest, interpret=pallas_platform() is None)
     raise ValueError(f"unknown WKV implementation {impl!r}")
