@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
-# One GPU session's checks, run through the device tool from the repository root:
-#   correctness of the WKV forms on the accelerator (fp32 at highest matmul precision), then the
-#   bench_wkv table at the shape. Results go to $OUT (or ./device_out).
+# One GPU session's checks, run through the device tool from the repository root (about 10 min):
+#   1. the compiled Pallas kernels on the accelerator against the oracles (tests that skip on CPU);
+#   2. the XLA WKV forms on the accelerator at fp32 highest matmul precision;
+#   3. experiments/bench_kernels.py: one table, our kernels vs oracle, parallel form and fla;
+#   4. experiments/bench_wkv.py: parallel form vs oracle.
+# Optional wheels (fla-core / flash-linear-attention for the fla rows) travel in .whl/, see
+# /work/.library/device/README.md. After step 1 passes, add the platform to
+# rwkv_jax.config.PALLAS_VERIFIED_PLATFORMS so that wkv="auto" uses the kernels there.
 set -uo pipefail
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site
+fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
-timeout 330 python3 experiments/bench_wkv.py --batch 8 --heads 12 --lengths 1024 4096 --dtype bfloat16 \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -k "compiled" \
+  tests/test_pallas_dplr.py tests/test_pallas_diag.py tests/test_pallas_vector.py 2>&1 | tail -15 | tee "$OUT/tests_pallas_gpu.txt"
+timeout 240 python3 experiments/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels_gpu.txt"
+timeout 120 python3 experiments/bench_wkv.py --batch 8 --heads 12 --lengths 4096 --dtype bfloat16 \
   --repeats 10 --json "$OUT/bench_wkv_gpu.json" 2>&1 | tee "$OUT/bench_wkv_gpu.txt"
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 200 python3 -m pytest -q -x -p no:cacheprovider \
-  tests/test_wkv_vector.py tests/test_wkv_diag.py tests/test_wkv_dplr.py 2>&1 | tail -5 | tee "$OUT/tests_gpu.txt"
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 90 python3 -m pytest -q -x -p no:cacheprovider \
+  tests/test_wkv_dplr.py 2>&1 | tail -5 | tee "$OUT/tests_gpu.txt"
