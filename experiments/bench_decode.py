@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows.append(rates)
             os.remove(checkpoint)
+            print(f"measured v{version}: {json.dumps(rates)}", file=sys.stderr, flush=True)  # progress
     B = args.batch
     print(f"{'':4} | {'prefill tok/s: ours':>19} {'official':>9} {'ratio':>6} | {'decode B=1: ours':>16} "
           f"{'official':>9} {'ratio':>6} | {f'decode B={B}: ours':>16} {f'{B}x official':>11} {'ratio':>6}")
