@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.copy_head import copy_oracle, copy_parallel, copy_step
+from rwkv_jax.copy_head import copy_oracle, copy_parallel, copy_step, document_positions
 from rwkv_jax.layers import ChannelMix, layer_norm, linear, linear_gain, orthogonal, uniform
 from rwkv_jax.state import State, check_state, init_state, state_keys
 from rwkv_jax.versions.v1 import Block1, at_positions
@@ -119,9 +119,10 @@ class RWKV(nn.Module):
         logits = linear(cfg, V, "head", orthogonal(head_gain))(x).astype(jnp.float32)
         new_state = dict(layer_state)
         if cfg.head_qk:
-            logits, (new_state["copy_k"], new_state["copy_tokens"]) = _copy_head(cfg, h, tokens, logits, pos, state)
+            logits, (new_state["copy_k"], new_state["copy_tokens"]) = _copy_head(cfg, h, tokens, logits, pos, state,
+                                                                                  reset)
         if pos is not None:
-            new_state["pos"] = pos + T
+            new_state["pos"] = pos + T if reset is None else document_positions(pos, reset)[0][:, -1] + 1
         return logits, new_state
 
     def step(self, token: Array, state: State | None = None) -> tuple[Array, State]:
@@ -132,8 +133,8 @@ class RWKV(nn.Module):
         return logits[:, 0], state
 
 
-def _copy_head(cfg: RWKVConfig, h: Array, tokens: Array, logits: Array, pos: Array, state: State
-               ) -> tuple[Array, tuple[Array, Array]]:
+def _copy_head(cfg: RWKVConfig, h: Array, tokens: Array, logits: Array, pos: Array, state: State,
+               reset: Array | None) -> tuple[Array, tuple[Array, Array]]:
     """Called from inside `RWKV` (so `head_q`/`head_k` are its children): add the head-QK copy
     scores (spec §2.3) of the final hidden states `h` to `logits`; returns them and the new cache.
 
@@ -143,17 +144,17 @@ def _copy_head(cfg: RWKVConfig, h: Array, tokens: Array, logits: Array, pos: Arr
     D, gain, v1 = cfg.head_qk, linear_gain(cfg.head_qk, cfg.n_embd), cfg.version == 1
     q = linear(cfg, D, "head_q", orthogonal(gain * (0.01 if v1 else 0.0)), use_bias=v1)(h)
     k = linear(cfg, D, "head_k", orthogonal(gain * (0.01 if v1 else 0.1)), use_bias=v1)(h)
-    return run_wkv(COPY_HEAD, cfg.wkv_impl, (logits, q, k, tokens), (pos, (state["copy_k"], state["copy_tokens"])))
+    return run_wkv(COPY_HEAD, cfg.wkv_impl, (logits, q, k, tokens), (pos, (state["copy_k"], state["copy_tokens"])),
+                   reset)
 
 
 def _check_reset(cfg: RWKVConfig, reset: Array, token_shape: tuple[int, ...]) -> None:
     """Resets must be `[B, T]` like the tokens, and the model must support them."""
     if tuple(reset.shape) != tuple(token_shape):
         raise ValueError(f"reset must have the tokens' shape {tuple(token_shape)}, got {tuple(reset.shape)}")
-    if cfg.version == 1 or cfg.head_qk:
-        raise ValueError(f"document resets are not supported for RWKV-{cfg.version} with its absolute-position "
-                         f"{'time mix' if cfg.version == 1 else 'copy head'} (head_qk={cfg.head_qk}); "
-                         "use head_qk=0 for RWKV-2/3")
+    if cfg.version == 1:
+        raise ValueError("document resets are not supported for RWKV-1: its time mix weights tokens by "
+                         "absolute position (time_alpha/beta/gamma, time_out)")
     if cfg.wkv_impl == "pallas" and token_shape[1] > 1:
         raise ValueError("the 'pallas' WKV implementation does not support document resets; "
                          "use wkv='parallel' or 'oracle'")

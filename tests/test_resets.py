@@ -21,6 +21,7 @@ import pytest
 import rwkv_jax as rj
 import rwkv_jax.wkv.vector as vector
 from helpers import random_params, random_tokens, rel_err
+from rwkv_jax.state import state_keys
 from rwkv_jax.wkv.diag import wkv6_oracle, wkv6_parallel, wkv6_step
 from rwkv_jax.wkv.dplr import wkv7_oracle, wkv7_parallel, wkv7_step
 from rwkv_jax.wkv.vector_eps import wkv3_oracle, wkv3_parallel, wkv3_step
@@ -218,7 +219,9 @@ GRADIENT_CASES = [pytest.param(v, wkv, marks=() if (v, wkv) in ((4, "parallel"),
 
 
 def tiny_config(version: int, wkv: str) -> rj.RWKVConfig:
-    extra = {"head_qk": 0} if version <= 3 else {"chunk_size": CHUNK} if version >= 5 else {}
+    # RWKV-2/3 keep their copy head (head_qk 16), with a window (ctx_len 4) shorter than T and
+    # than row 1's documents.
+    extra = {"head_qk": 16, "ctx_len": 4} if version <= 3 else {"chunk_size": CHUNK} if version >= 5 else {}
     return rj.RWKVConfig(version=version, n_layer=2, n_embd=32, vocab_size=40, head_size=16, wkv=wkv, **extra)
 
 
@@ -227,18 +230,41 @@ def forward_with_resets(cfg: rj.RWKVConfig):
     return jax.jit(lambda params, tokens, state, reset: rj.RWKV(cfg).apply({"params": params}, tokens, state, reset))
 
 
-def model_separately(cfg, params, tokens, mask):
-    """Logits of every document run alone from `init_state`, and each row's last final state."""
+def model_separately(cfg, params, tokens, mask, state=None):
+    """Logits of every document run alone from `init_state` (the first one from `state` when given
+    and not reset), and each row's last final state."""
     model = rj.RWKV(cfg)
+    per_layer = state_keys(cfg)  # [L, B, ...]; the copy head's entries are [B, ...]
     logits, finals = [], []
     for b in range(tokens.shape[0]):
         pieces = []
+        row_state = None if state is None else {k: x[:, b:b + 1] if k in per_layer else x[b:b + 1]
+                                                for k, x in state.items()}
         for start, end in documents(mask[b]):
-            out, state = model.apply({"params": params}, tokens[b:b + 1, start:end])
+            out, row_state = model.apply({"params": params}, tokens[b:b + 1, start:end],
+                                         None if mask[b, start] else row_state)
             pieces.append(out)
         logits.append(jnp.concatenate(pieces, axis=1))
-        finals.append(state)
-    return jnp.concatenate(logits), {k: jnp.concatenate([f[k] for f in finals], axis=1) for k in finals[0]}
+        finals.append(row_state)
+    return jnp.concatenate(logits), {k: jnp.concatenate([f[k] for f in finals], axis=1 if k in per_layer else 0)
+                                     for k in finals[0]}
+
+
+@pytest.mark.parametrize("wkv", ["parallel", pytest.param("oracle", marks=SLOW)])
+@pytest.mark.parametrize("version", [3, 7])
+def test_first_document_continues_the_given_state(version, wkv):
+    """Row 1 has no reset at t = 0: its first document goes on from the state of an earlier call
+    (for RWKV-3 that includes the copy head's position and cache, past its 4-token window)."""
+    cfg = tiny_config(version, wkv)
+    params = random_params(cfg)
+    tokens = random_tokens(cfg, B, 6 + T)
+    _, state = forward_with_resets(cfg)(params, tokens[:, :6], rj.init_state(cfg, B), jnp.zeros((B, 6), bool))
+    mask = reset_mask()
+    logits, final = forward_with_resets(cfg)(params, tokens[:, 6:], state, jnp.asarray(mask))
+    logits_ref, final_ref = jax.jit(lambda p, t, s: model_separately(cfg, p, t, mask, s))(params, tokens[:, 6:], state)
+    assert rel_err(logits, logits_ref) < TOLERANCE
+    for name in final_ref:
+        assert rel_err(final[name], final_ref[name]) < TOLERANCE, name
 
 
 @pytest.mark.parametrize("version,wkv", VALUE_CASES)
@@ -304,11 +330,10 @@ def test_single_token_call_with_reset_starts_a_new_document():
     assert rel_err(logits[1], continued[1]) < 1e-6
 
 
-@pytest.mark.parametrize("version,extra", [(1, {}), (3, {})])
-def test_resets_are_refused_where_positions_are_absolute(version, extra):
-    cfg = rj.RWKVConfig(version=version, n_layer=1, n_embd=32, vocab_size=40, head_size=16, ctx_len=16, **extra)
+def test_resets_are_refused_for_rwkv1():
+    cfg = rj.RWKVConfig(version=1, n_layer=1, n_embd=32, vocab_size=40, head_size=16, ctx_len=16)
     params = random_params(cfg)
-    with pytest.raises(ValueError, match=f"RWKV-{version}"):
+    with pytest.raises(ValueError, match="RWKV-1"):
         rj.RWKV(cfg).apply({"params": params}, jnp.zeros((1, 4), jnp.int32), None, jnp.zeros((1, 4), bool))
 
 

@@ -36,8 +36,8 @@ class TrainConfig:
       or "magic_prime": the official binidx order, every ctx_len-aligned crop once per pass,
       independent of the seed), doc_sep (an end-of-document token id, e.g. 0 in official binidx
       data: the token after each one starts a new document and the recurrent state is reset
-      there, so packed documents do not see each other; None = one stream; not for RWKV-1..3,
-      whose copy head / time mix use absolute positions).
+      there, so packed documents do not see each other; None = one stream; not for RWKV-1,
+      whose time mix weights tokens by absolute position).
     Optimiser: lr -> lr_final over `steps` after `warmup_steps`, schedule ("cosine" | "exp"),
       warmup_floor, weight_decay (only on the large matrices), beta1, beta2, eps, grad_clip
       (global norm; 0 disables), layerwise_lr (the official per-parameter multipliers),
@@ -100,9 +100,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.sampler not in ("random", "magic_prime"):
             raise ConfigError(f"TrainConfig: sampler must be 'random' or 'magic_prime', got {self.sampler!r}")
-        if self.doc_sep is not None and self.version <= 3:
-            raise ConfigError(f"TrainConfig: doc_sep (document resets) is not supported for RWKV-{self.version}: "
-                              "its copy head and (v1) time mix use absolute positions")
+        if self.doc_sep is not None and self.version == 1:
+            raise ConfigError("TrainConfig: doc_sep (document resets) is not supported for RWKV-1: its time mix "
+                              "weights tokens by absolute position")
         if self.schedule not in (None, "cosine", "exp"):
             raise ConfigError(f"TrainConfig: schedule must be 'cosine' or 'exp', got {self.schedule!r}")
         for name in ("n_layer", "n_embd", "ctx_len", "batch_size", "steps", "log_every", "eval_every",
