@@ -131,7 +131,8 @@ class ChannelMix(nn.Module):
 
     v2 mixes key and receptance inputs with one `time_mix`, v3-v5 with `time_mix_k/r` (lerp), v6
     with `time_maa_k/r`, v7 with `x_k` and drops the receptance gate. Returns the output
-    `[B, T, C]` and the new shift state (last input) `[B, C]`.
+    `[B, T, C]` and the new shift state (last input) `[B, C]`; tokens where `reset [B, T]` is
+    True (document starts) shift in zeros.
     """
 
     cfg: RWKVConfig
