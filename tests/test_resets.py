@@ -301,7 +301,7 @@ def test_model_gradients_with_resets_equal_separate_documents(version, wkv):
     grads_ref = jax.jit(jax.grad(separately))(params)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
         assert np.all(np.isfinite(got))
-        assert rel_err(got, want) < 1e-4   # summed over documents in another order; largest seen ~2e-5
+        assert rel_err(got, want) < 1e-4   # summed over documents in another order; largest seen 1e-6 (v7)
 
 
 @pytest.mark.parametrize("version", [4, 7])

@@ -44,7 +44,7 @@ def test_packed_loss_equals_the_loss_of_the_documents_run_separately(version):
             logits, _ = rj.RWKV(cfg).apply({"params": params}, jnp.asarray(inputs[None, start:end]))
             nll.append(optax.softmax_cross_entropy_with_integer_labels(logits[0], jnp.asarray(targets[start:end])))
     separate = float(jnp.mean(jnp.concatenate(nll)))
-    assert abs(packed - separate) < 1e-5 * separate      # largest seen: ~2e-7 relative
+    assert abs(packed - separate) < 1e-5 * separate      # largest seen: 7e-8 relative (v3)
     assert abs(plain - separate) > 1e-3                   # without resets the documents see each other
 
 
