@@ -14,6 +14,7 @@ from official_reference import official_available
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not official_available(), reason="torch and the rwkv package are not installed")
 def test_bench_decode_smoke_runs_ours_and_the_official_package(tmp_path):
     out = tmp_path / "bench.json"

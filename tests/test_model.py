@@ -141,6 +141,6 @@ def test_config_defaults_and_validation():
     with pytest.raises(ValueError, match="version"):
         rj.RWKVConfig(version=8, n_layer=1, n_embd=64, vocab_size=10)
     with pytest.raises(ValueError, match="not available"):
-        rj.RWKVConfig(version=7, n_layer=1, n_embd=64, vocab_size=10, head_size=16, wkv="pallas")
+        rj.RWKVConfig(version=2, n_layer=1, n_embd=64, vocab_size=10, wkv="pallas")  # no v2 kernel
     with pytest.raises(ValueError, match="multiple of head_size"):
         rj.RWKVConfig(version=5, n_layer=1, n_embd=96, vocab_size=10)

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_train_smoke_prints_a_row_per_version():
     result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_train.py"), "--smoke",
                              "--versions", "2", "7"], capture_output=True, text=True, timeout=600, cwd=ROOT)
