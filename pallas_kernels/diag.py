@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import diag_gpu, diag_tpu
+from pallas_kernels.platform import resolve_platform
 
 _F32 = jnp.float32
 # Tokens per chunk (one stored state each). GPU: the sequential walk takes one step of
@@ -31,28 +32,6 @@ _F32 = jnp.float32
 DEFAULT_CHUNK = {"gpu": 64, "tpu": 64}
 _HEAD_SIZES = (32, 64)
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-
-
-def resolve_platform(platform: str | None, interpret: bool) -> str:
-    """"gpu" or "tpu": as given, else from `jax.default_backend()`; in interpret mode on a CPU
-    backend the GPU variant. ValueError on CPU without `interpret` (`jax.export` for a device
-    names the platform, so it lowers from CPU)."""
-    if platform is None:
-        backend = jax.default_backend()
-        if backend in ("cuda", "rocm", "gpu"):
-            platform = "gpu"
-        elif backend == "tpu":
-            platform = "tpu"
-        elif interpret:
-            platform = "gpu"
-        else:
-            raise ValueError(
-                f"Pallas WKV kernels need a GPU or TPU (the default backend is {backend!r}); pass "
-                "interpret=True to run a variant in Pallas interpret mode, or use the XLA forms "
-                "in rwkv_jax.wkv.")
-    if platform not in ("gpu", "tpu"):
-        raise ValueError(f"platform must be 'gpu', 'tpu' or None, got {platform!r}")
-    return platform
 
 
 def supports(head_size: int, dtype, platform: str) -> bool:

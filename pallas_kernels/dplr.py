@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dplr_gpu, dplr_tpu
+from pallas_kernels.platform import PLATFORMS, resolve_platform
 
-PLATFORMS = ("gpu", "tpu")
 DEFAULT_CHUNK_SIZE = {"gpu": 32, "tpu": 64}
 SUPPORTED_HEAD_SIZES = (32, 64)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -37,27 +37,6 @@ def supports(head_size: int, dtype, platform: str) -> bool:
         and jnp.dtype(dtype) in SUPPORTED_DTYPES
         and platform in PLATFORMS
     )
-
-
-def resolve_platform(platform: str | None, interpret: bool) -> str:
-    """``platform`` or the one implied by ``jax.default_backend()``; ValueError when there is none."""
-    if platform is None:
-        backend = jax.default_backend()
-        if backend in ("cuda", "rocm", "gpu"):
-            platform = "gpu"
-        elif backend == "tpu":
-            platform = "tpu"
-        elif interpret:
-            platform = "gpu"
-        else:
-            raise ValueError(
-                f"wkv7_pallas needs a GPU or TPU (default backend is {backend!r}); pass "
-                "interpret=True to run a variant in Pallas interpret mode, or use "
-                "rwkv_jax.wkv.dplr.wkv7_parallel."
-            )
-    if platform not in PLATFORMS:
-        raise ValueError(f"platform must be one of {PLATFORMS} or None, got {platform!r}")
-    return platform
 
 
 def _check_chunk_size(chunk_size: int, platform: str) -> None:

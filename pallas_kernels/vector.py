@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import vector_gpu, vector_tpu
-from pallas_kernels.diag import resolve_platform
+from pallas_kernels.platform import resolve_platform
 
 _F32 = jnp.float32
 # Tokens per chunk (one stored state each; the walk inside a chunk is unrolled).

@@ -1,7 +1,7 @@
 """Chunk math of the RWKV-4 Pallas kernels, shared by the GPU and the TPU variant.
 
 A chunk is L tokens of one block of channels, walked token by token in log space with the max
-trick: each token is `rwkv_jax.wkv.vector._step` (the parallel form's step: output, then update,
+trick: each token is `rwkv_jax.wkv.vector.log_space_step` (the parallel form's step: output, then update,
 one exp of a non-positive number per merge), so every exponentiated value is ≤ 0 and keys far
 beyond fp32's e^k overflow (k ≈ 88) stay finite. Rows are `[1, A]` fp32 values, loaded from refs
 one token at a time (Triton cannot slice values). The backward pass is `jax.vjp` of
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from rwkv_jax.wkv.vector import _step
 
 Rows = tuple[jax.Array, ...]
 State = tuple[jax.Array, jax.Array, jax.Array]
@@ -34,11 +32,14 @@ def chunk_forward(k: Rows, v: Rows, log_decay: jax.Array, u: jax.Array, state: S
       y: tuple of L `[1, A]` fp32 rows (padding rows hold the step's value, to be dropped); the
       state `(aa, bb, pp)` after the chunk's real tokens.
     """
+    # Imported here, not at the top: rwkv_jax's RWKV-4 module imports this kernel package.
+    from rwkv_jax.wkv.vector import log_space_step
+
     aa, bb, pp = state
     carry = (pp, aa, bb)
     ys = []
     for t, (k_t, v_t) in enumerate(zip(k, v)):
-        stepped, y = _step(carry, (k_t, v_t), log_decay, u)
+        stepped, y = log_space_step(carry, (k_t, v_t), log_decay, u)
         # A vector predicate: Mosaic selects on vector masks, not on broadcast scalar booleans.
         real = jnp.full(k_t.shape, t, jnp.int32) < num_real
         carry = tuple(jnp.where(real, new, old) for new, old in zip(stepped, carry))

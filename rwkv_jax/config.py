@@ -200,10 +200,9 @@ def layer_ratios(layer: Any, n_layer: int) -> tuple[Any, Any]:
 
 def pallas_platform() -> str | None:
     """The Pallas variant the default JAX backend runs ("gpu" or "tpu"); None on CPU."""
-    import jax
+    from pallas_kernels.platform import backend_platform
 
-    backend = jax.default_backend()
-    return "gpu" if backend in ("cuda", "rocm", "gpu") else "tpu" if backend == "tpu" else None
+    return backend_platform()
 
 
 def pallas_is_verified(cfg: RWKVConfig) -> bool:

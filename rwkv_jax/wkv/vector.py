@@ -93,7 +93,7 @@ def _merge(p1: Array, a1: Array, b1: Array, p2: Array, a2: Array, b2: Array) -> 
     return jnp.where(d >= 0, p1, p2), c1 * a1 + c2 * a2, c1 * b1 + c2 * b2
 
 
-def _step(carry: State, kv: tuple[Array, Array], log_decay: Array, u: Array) -> tuple[State, Array]:
+def log_space_step(carry: State, kv: tuple[Array, Array], log_decay: Array, u: Array) -> tuple[State, Array]:
     """`wkv4_step` on a (p, a, b) carry (pp, aa, bb), one exp per merge: output, then update."""
     p, a, b = carry
     k, v = kv
@@ -193,7 +193,7 @@ def wkv4_parallel(k: Array, v: Array, log_decay: Array, u: Array, state: State, 
             starts_document = inputs[3]
             carry = (jnp.where(starts_document, EMPTY_LOG_SCALE, carry[0]),
                      *(jnp.where(starts_document, 0.0, c) for c in carry[1:]))
-        new_carry, y = _step(carry, (k_t, v_t), log_decay, u)
+        new_carry, y = log_space_step(carry, (k_t, v_t), log_decay, u)
         return tuple(jnp.where(real, n, c) for n, c in zip(new_carry, carry)), y
 
     token = jnp.arange(num_chunks * size).reshape(num_chunks, size)
