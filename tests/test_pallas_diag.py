@@ -17,6 +17,7 @@ import pytest
 
 from helpers import rel_err
 from pallas_kernels.diag import resolve_platform, supports, wkv6_pallas
+from pallas_kernels.platform import backend_platform
 from rwkv_jax.wkv.diag import wkv6_oracle
 from test_wkv_diag import make_inputs, reference_wkv
 
@@ -173,19 +174,14 @@ def test_supports_only_tested_configurations():
     assert not supports(64, jnp.float32, "cpu")
 
 
-def _device_platform():
-    backend = jax.default_backend()
-    return {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "tpu": "tpu"}.get(backend)
-
-
-@pytest.mark.skipif(_device_platform() is None, reason="needs a GPU or TPU")
+@pytest.mark.skipif(backend_platform() is None, reason="needs a GPU or TPU")
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("decay", ["random", "strongest", "constant"])
 def test_compiled_on_device_matches_oracle(dtype, tolerance, decay):
     """The compiled kernel (not the interpreter) on this machine's accelerator, default chunk,
     head size 64, T not a multiple of the chunk."""
     inputs = tuple(x.astype(dtype) for x in make_inputs((2, 200, 3, 64), seed=11, decay=decay))
-    wkv = functools.partial(wkv6_pallas, platform=_device_platform())
+    wkv = functools.partial(wkv6_pallas, platform=backend_platform())
     y, final_state, grads = outputs_and_grads(wkv, inputs)
     y_ref, state_ref, grads_ref = outputs_and_grads(wkv6_oracle, inputs)
     errors = {"y": rel_err(y, y_ref), "final_state": rel_err(final_state, state_ref)}

@@ -19,6 +19,7 @@ from helpers import rel_err
 from test_wkv_dplr import ARG_NAMES, make_inputs, numpy_reference
 from pallas_kernels.dplr import supports, wkv7_pallas
 from pallas_kernels.dplr_chunk import ChunkOps, unit_lower_inverse
+from pallas_kernels.platform import backend_platform
 from rwkv_jax.wkv.dplr import wkv7_oracle
 
 PLATFORMS = ("gpu", "tpu")
@@ -143,10 +144,7 @@ def test_empty_sequence_returns_initial_state():
 # Compiled kernels on a real accelerator (skipped on CPU): the device's own matmul precision
 # (TF32x3 on GPU) is only exercised here.
 
-ON_ACCELERATOR = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
-
-
-@pytest.mark.skipif(not ON_ACCELERATOR, reason="needs a GPU or TPU")
+@pytest.mark.skipif(backend_platform() is None, reason="needs a GPU or TPU")
 @pytest.mark.parametrize("chunk_size", [16, 32, 64])
 @pytest.mark.parametrize(
     "options", [{}, {"decay": "strongest"}, {"parallel_keys": True}],

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from helpers import rel_err
+from pallas_kernels.platform import backend_platform
 from pallas_kernels.vector import supports, wkv4_pallas
 from rwkv_jax.wkv.vector import wkv4_oracle
 from test_wkv_vector import assert_states_close, make_inputs, reference_wkv4
@@ -156,16 +157,11 @@ def test_chunk_checks_and_supports():
     assert not supports(64, jnp.float32, "cpu")
 
 
-def _device_platform():
-    backend = jax.default_backend()
-    return {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "tpu": "tpu"}.get(backend)
-
-
-@pytest.mark.skipif(_device_platform() is None, reason="needs a GPU or TPU")
+@pytest.mark.skipif(backend_platform() is None, reason="needs a GPU or TPU")
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)])
 def test_compiled_on_device_matches_oracle(dtype, tolerance):
     """The compiled kernel (not the interpreter) on this machine's accelerator, default chunk,
     C = 256, T not a multiple of the chunk."""
     k, v, log_decay, u, state = make_inputs(2, 200, 256, seed=12)
     inputs = (k.astype(dtype), v.astype(dtype), log_decay, u, state)
-    assert_matches_oracle(functools.partial(wkv4_pallas, platform=_device_platform()), inputs, tolerance)
+    assert_matches_oracle(functools.partial(wkv4_pallas, platform=backend_platform()), inputs, tolerance)
