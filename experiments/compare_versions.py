@@ -97,7 +97,7 @@ PRESETS: dict[str, Preset] = {
                     log_every=2, wkv="oracle"),
     # The README's main job: all seven versions on the char LM and a small MQAR (minutes on a CPU).
     # MQAR here uses a 256-token vocabulary (Zoology's is 8192) and 8 pairs in 64 tokens. At 2000
-    # steps v6/v7 learn it after ~500 steps, v5 after ~1100, v4 not at all (experiments/RESULTS.md);
+    # steps v6/v7 learn it after ~400 steps, v5 after ~1100, v4 not at all (experiments/RESULTS.md);
     # 1200 steps show that ordering. 400 steps, the first setting, left everything but v7 at chance.
     "cpu": Preset(n_embd=64, head_size=16, n_layer=2, lr=3e-3, weight_decay=0.1, batch_size=32, eval_examples=256,
                   charlm_steps=300, charlm_train_len=64, charlm_eval_len=256,

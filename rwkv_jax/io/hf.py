@@ -20,12 +20,12 @@ time only (the stored weights are the official ones).
 Checked against the remote code itself (`modeling_rwkv5.py` of RWKV/rwkv-5-world-1b5,
 `modeling_rwkv6.py` of the RWKV-6 HF repos): parameter names and shapes are exactly the official
 ones under the names above (v5 `time_decay`/`time_faaaa` `(H, N)`, v6 `time_maa_w1 (C, 5·D)`,
-`time_maa_w2 (5, D, C)` with D = 32, or 64 at hidden size 4096, decay LoRA 64 / 128). Two
-numerical differences of that code, not of the layout: its RWKV-5 `ln_x` GroupNorm uses torch's
+`time_maa_w2 (5, D, C)` with D = 32, or 64 at hidden size 4096, decay LoRA 64 / 128). One
+numerical difference of that code, not of the layout: its RWKV-5 `ln_x` GroupNorm uses torch's
 default eps 1e-5 where the official package uses 64e-5 (its RWKV-6 uses 1e-5·head_size_divisor²
-= 64e-5, like the official), and it folds `pre_ln` into the embedding matrix on first use, as the
-official package does. Logits from the HF RWKV-5 code therefore differ slightly from ours and the
-official package's; the weights are the same.
+= 64e-5, like the official), so logits from the HF RWKV-5 code differ slightly from ours and the
+official package's; the weights are the same. (Its RWKV-5 also folds `pre_ln` into the embedding
+matrix on first use, as the official package does.)
 
 This module also holds what every HF-style directory (`config.json` plus `model.safetensors`,
 `pytorch_model.bin` or a sharded index) needs, shared with `rwkv_jax.io.fla`. safetensors are read
