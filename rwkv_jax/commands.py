@@ -24,7 +24,7 @@ from typing import Any, Sequence, TextIO
 import jax
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.generation import iter_generate, official_penalty_exempt
+from rwkv_jax.generation import iter_generate, official_penalty_exempt, prepare_decoding
 from rwkv_jax.state import State
 from rwkv_jax.tokenizers import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, WorldTokenizer
 
@@ -260,6 +260,7 @@ class ChatSession:
     def __init__(self, model: LoadedModel, tokenizer: Tokenizer, *, max_reply_tokens: int = 1000,
                  eod_prefix: bool = True, **sampling: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.params = prepare_decoding(model.cfg, model.params)  # laid out once for every turn
         self.max_reply_tokens, self.sampling = max_reply_tokens, sampling
         self.eod_prefix = eod_prefix and is_world(tokenizer)
         self.reset()
@@ -282,7 +283,7 @@ class ChatSession:
         if sampling.get("key") is not None:  # a fresh random stream per turn
             sampling["key"] = jax.random.fold_in(sampling["key"], self.turns)
         self.turns += 1
-        stream = iter_generate(self.model.cfg, self.model.params, tokens, max_new_tokens=self.max_reply_tokens,
+        stream = iter_generate(self.model.cfg, self.params, tokens, max_new_tokens=self.max_reply_tokens,
                                state=self.state, banned_tokens=banned, prefill_chunk=PREFILL_CHUNK, **sampling)
         decoder, stopper = TextDecoder(self.tokenizer), StopText(["\n\n"])
         reply = ""

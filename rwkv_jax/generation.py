@@ -19,6 +19,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +53,36 @@ class GenerationResult:
     logits: Array
 
 
-def generate(model_or_cfg: RWKV | RWKVConfig, params: Params, prompts: Sequence[Sequence[int]], *,
+@dataclasses.dataclass(frozen=True)
+class DecodingParams:
+    """Parameters laid out once for decoding (`prepare_decoding`); `generate`, `decode` and
+    `iter_generate` take them in place of the model's params.
+
+    Attributes:
+      params: the model's params as given (prefill runs on these).
+      step: the same weights in the layout of the one-token step (`step_params`).
+    """
+
+    params: Params
+    step: Any
+
+
+def prepare_decoding(model_or_cfg: RWKV | RWKVConfig, params: Params, batch_size: int = 1) -> DecodingParams:
+    """Lay out `params` for decoding `batch_size` rows, once for many calls (a chat, a benchmark).
+
+    Every call of `generate`/`decode`/`iter_generate` with plain params re-lays them out, which
+    is cheap for the layer split but not for the batch-1 `[out, in]` kernels of `step_params`
+    (~0.25 s at L12-D768 on CPU, the time of ~17 tokens), so plain calls skip those and only
+    prepared params get them. On CPU the result holds a second copy of the weights.
+    """
+    return DecodingParams(params, step_params(_config(model_or_cfg), params, batch_size))
+
+
+def _for_step(cfg: RWKVConfig, params: Params | DecodingParams) -> Any:
+    return params.step if isinstance(params, DecodingParams) else step_params(cfg, params)
+
+
+def generate(model_or_cfg: RWKV | RWKVConfig, params: Params | DecodingParams, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, key: Array | None = None, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
              penalty_decay: float = 0.996, penalty_exempt: Sequence[int] = (), stop_tokens: Sequence[int] = (),
@@ -61,7 +91,8 @@ def generate(model_or_cfg: RWKV | RWKVConfig, params: Params, prompts: Sequence[
     """Continue every prompt by up to `max_new_tokens` tokens, in one batch.
 
     Args:
-      model_or_cfg: the model or its config; params: its parameters (`init(...)["params"]`).
+      model_or_cfg: the model or its config; params: its parameters (`init(...)["params"]`), or
+        `prepare_decoding`'s layout of them.
       prompts: B non-empty lists of token ids, of any lengths.
       key: PRNG key, required unless `temperature == 0`; equal keys give equal samples.
       temperature: 0 is greedy (argmax), otherwise logits / temperature are sampled.
@@ -88,8 +119,8 @@ def generate(model_or_cfg: RWKV | RWKVConfig, params: Params, prompts: Sequence[
                   stop_tokens=stop_tokens, banned_tokens=banned_tokens)
 
 
-def decode(model_or_cfg: RWKV | RWKVConfig, params: Params, logits: Array, state: State, *, max_new_tokens: int,
-           key: Array | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+def decode(model_or_cfg: RWKV | RWKVConfig, params: Params | DecodingParams, logits: Array, state: State, *,
+           max_new_tokens: int, key: Array | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            presence_penalty: float = 0.0, frequency_penalty: float = 0.0, penalty_decay: float = 0.996,
            penalty_exempt: Sequence[int] = (), stop_tokens: Sequence[int] = (), banned_tokens: Sequence[int] = ()
            ) -> GenerationResult:
@@ -99,11 +130,11 @@ def decode(model_or_cfg: RWKV | RWKVConfig, params: Params, logits: Array, state
     sampler = _Sampler.create(cfg.vocab_size, key, temperature, top_k, top_p, presence_penalty, frequency_penalty,
                               penalty_decay, penalty_exempt, stop_tokens, banned_tokens)
     carry = _start(logits, state, max_new_tokens)
-    carry = _decode_jit(cfg, step_params(cfg, params), carry, sampler.arrays, modes=sampler.modes, loop=True)
+    carry = _decode_jit(cfg, _for_step(cfg, params), carry, sampler.arrays, modes=sampler.modes, loop=True)
     return _result(carry)
 
 
-def iter_generate(model_or_cfg: RWKV | RWKVConfig, params: Params, prompt: Sequence[int], *,
+def iter_generate(model_or_cfg: RWKV | RWKVConfig, params: Params | DecodingParams, prompt: Sequence[int], *,
                   max_new_tokens: int, key: Array | None = None, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                   penalty_decay: float = 0.996, penalty_exempt: Sequence[int] = (), stop_tokens: Sequence[int] = (),
@@ -120,7 +151,7 @@ def iter_generate(model_or_cfg: RWKV | RWKVConfig, params: Params, prompt: Seque
     sampler = _Sampler.create(cfg.vocab_size, key, temperature, top_k, top_p, presence_penalty, frequency_penalty,
                               penalty_decay, penalty_exempt, stop_tokens, banned_tokens)
     logits, state = prefill(cfg, params, [prompt], state=state, chunk=prefill_chunk)
-    return TokenStream(cfg, step_params(cfg, params), _start(logits, state, max_new_tokens), sampler)
+    return TokenStream(cfg, _for_step(cfg, params), _start(logits, state, max_new_tokens), sampler)
 
 
 class TokenStream:
@@ -154,7 +185,7 @@ class TokenStream:
         return _result(self._carry)
 
 
-def prefill(model_or_cfg: RWKV | RWKVConfig, params: Params, prompts: Sequence[Sequence[int]], *,
+def prefill(model_or_cfg: RWKV | RWKVConfig, params: Params | DecodingParams, prompts: Sequence[Sequence[int]], *,
             state: State | None = None, chunk: int | None = None) -> tuple[Array, State]:
     """Run each prompt through the model with the parallel form.
 
@@ -165,6 +196,7 @@ def prefill(model_or_cfg: RWKV | RWKVConfig, params: Params, prompts: Sequence[S
     length reuse a few compiled shapes.
     """
     cfg = _config(model_or_cfg)
+    params = params.params if isinstance(params, DecodingParams) else params
     _check_ids(cfg.vocab_size, prompts)
     if chunk is not None and chunk <= 0:
         raise ValueError(f"prefill chunk must be positive, got {chunk}")
@@ -366,6 +398,8 @@ def _decode_jit(cfg: RWKVConfig, params_for_step: Any, carry: _Carry, sampler: _
 
 # ----------------------------------------------------------------------------- the one-token step
 
+# Batch-1 decoding on CPU stores Linear kernels `[out, in]` from this width on (see `step_params`).
+OUT_IN_MIN_EMBD = 768
 # The top-level parameters of RWKV-4..7 around the layer stack `blocks`.
 _TOP_LEVEL = frozenset({"emb", "ln0", "ln_out", "head"})
 
@@ -374,21 +408,54 @@ def _layerwise(cfg: RWKVConfig, params: Params) -> bool:
     return jax.default_backend() == "cpu" and cfg.version >= 4 and set(params) == _TOP_LEVEL | {"blocks"}
 
 
-def step_params(cfg: RWKVConfig, params: Params) -> Any:
-    """The parameters in the form `step_function` takes.
+def step_params(cfg: RWKVConfig, params: Params, batch_size: int | None = None) -> Any:
+    """The parameters in the form `step_function` takes, for decoding `batch_size` rows.
 
     On CPU, for RWKV-4..7, that is `(top-level params, [one tree per layer])`: `RWKV.step` scans
     over the stacked layer weights, and XLA's CPU backend then copies every layer's matrices out
     of the stack on each token (a dynamic slice feeding a dot is materialised), which made
     decoding ~2x slower than reading each weight once. Split once here (a copy of the layer
-    weights for the duration of the call), a step reads each weight in place. Elsewhere (not
-    measured on GPU/TPU, where the copy would also double the weights' memory) and for RWKV-1..3
-    (position-dependent pieces, copy head) the stacked params go to `RWKV.step`.
+    weights for the duration of the call), a step reads each weight in place. At batch size 1
+    (`prepare_decoding`'s default) and `n_embd >= OUT_IN_MIN_EMBD`, every Linear's `kernel
+    [in, out]` (the bulk of the bytes) is moreover stored transposed, as `kernel_out_in
+    [out, in]`: XLA's CPU matrix-vector product streams that layout 7-15% faster there (2-9%
+    slower at D256-D512, and ~40% slower in batched products; experiments/RESULTS.md).
+    Elsewhere (not measured on GPU/TPU, where the copy would also double the weights' memory)
+    and for RWKV-1..3 (position-dependent pieces, copy head) the stacked params go to
+    `RWKV.step`.
     """
     if not _layerwise(cfg, params):
         return params
     top = {name: value for name, value in params.items() if name != "blocks"}
-    return top, _split_layers(params["blocks"], cfg.n_layer)
+    layered = top, _split_layers(params["blocks"], cfg.n_layer)
+    return _kernels_out_in(layered) if batch_size == 1 and cfg.n_embd >= OUT_IN_MIN_EMBD else layered
+
+
+@jax.jit
+def _kernels_out_in(tree: Params) -> Params:
+    """Every `{"kernel": [in, out]}` Linear of `tree` as `{"kernel_out_in": [out, in]}`."""
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_kernels_out_in(item) for item in tree)
+    if not isinstance(tree, dict):
+        return tree
+    if set(tree) == {"kernel"} and tree["kernel"].ndim == 2:
+        return {"kernel_out_in": tree["kernel"].T}
+    return {name: _kernels_out_in(value) for name, value in tree.items()}
+
+
+def _dense_from_out_in_kernel(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+    """A flax method interceptor: an `nn.Dense` whose params hold `kernel_out_in` (see
+    `step_params`) computes `x @ kernel_out_in.T` as one product over the rows of the stored
+    matrix; every other call runs unchanged."""
+    module = context.module
+    if not (isinstance(module, nn.Dense) and context.method_name == "__call__"
+            and "kernel_out_in" in module.variables.get("params", {})):
+        return next_fun(*args, **kwargs)
+    (x,) = args
+    kernel = module.variables["params"]["kernel_out_in"]
+    dtype = module.dtype or jnp.result_type(x, kernel)
+    y = jnp.einsum("...i,oi->...o", x.astype(dtype), kernel.astype(dtype))
+    return y + module.variables["params"]["bias"].astype(dtype) if module.use_bias else y
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -406,6 +473,7 @@ def step_function(cfg: RWKVConfig, params_for_step: Any) -> StepFn:
         return lambda token, state: model.apply({"params": params_for_step}, token, state, method=RWKV.step)
     top, layers = params_for_step
 
+    @nn.intercept_methods(_dense_from_out_in_kernel)  # reads the transposed kernels of batch-1 params
     def step(token: Array, state: State) -> tuple[Array, State]:
         x = jnp.take(top["emb"]["embedding"], token[:, None], axis=0).astype(cfg.compute_dtype)
         x = layer_norm(cfg, "ln0").apply({"params": top["ln0"]}, x)

@@ -57,9 +57,14 @@ def assert_states_close(actual, expected, row=0):
 
 
 @pytest.mark.parametrize("version", [5, 7])
-def test_greedy_generation_equals_step_by_step_argmax(version):
+@pytest.mark.parametrize("prepared", [False, True])
+def test_greedy_generation_equals_step_by_step_argmax(version, prepared, monkeypatch):
     cfg, params = tiny(version)
-    out = generate(cfg, params, [PROMPTS[1]], max_new_tokens=N_NEW, temperature=0)
+    if prepared:  # laid out once, with the batch-1 `[out, in]` kernels of wide models (see `step_params`)
+        monkeypatch.setattr(gen, "OUT_IN_MIN_EMBD", cfg.n_embd)
+        prepared_params = rj.prepare_decoding(cfg, params)
+        assert "kernel_out_in" in prepared_params.step[0]["head"]
+    out = generate(cfg, prepared_params if prepared else params, [PROMPTS[1]], max_new_tokens=N_NEW, temperature=0)
 
     logits, state = run_tokens(version, PROMPTS[1])  # the prompt token by token: checks the parallel prefill too
     expected = []
@@ -137,17 +142,26 @@ def test_iter_generate_streams_what_generate_returns():
 
 
 @pytest.mark.parametrize("version", [4, 5, 6, 7])
-def test_layerwise_decoding_step_equals_the_model_step(version):
-    """The decode loop's step (one tree per layer, see `step_params`) is `RWKV.step` exactly."""
+@pytest.mark.parametrize("rows", [1, 2])
+def test_layerwise_decoding_step_equals_the_model_step(version, rows, monkeypatch):
+    """The decode loop's step (one tree per layer; at batch 1 with `[out, in]` kernels, see
+    `step_params`) is `RWKV.step`."""
     cfg, params = tiny(version)
-    _, state = prefill(cfg, params, [PROMPTS[0], PROMPTS[2]])
-    token = jnp.asarray([3, 90], jnp.int32)
-    layered = gen.step_params(cfg, params)
+    _, state = prefill(cfg, params, [PROMPTS[0], PROMPTS[2]][:rows])
+    token = jnp.asarray([3, 90][:rows], jnp.int32)
+    monkeypatch.setattr(gen, "OUT_IN_MIN_EMBD", cfg.n_embd)  # the tiny model takes the wide models' path
+    layered = gen.step_params(cfg, params, batch_size=rows)
     assert isinstance(layered, tuple)  # the fast path is the one under test
+    head = layered[0]["head"]
+    if rows == 1:
+        np.testing.assert_array_equal(head["kernel_out_in"], params["head"]["kernel"].T)
+    else:
+        assert set(head) == {"kernel"}
     logits, new_state = jax.jit(lambda p, t, s: gen.step_function(cfg, p)(t, s))(layered, token, state)
     expected_logits, expected_state = jax.jit(lambda t, s: rj.RWKV(cfg).apply({"params": params}, t, s,
                                                                                 method=rj.RWKV.step))(token, state)
-    # Not bit-identical: XLA fuses the unrolled layers differently from the scanned ones.
+    # Not bit-identical: XLA fuses the unrolled layers differently from the scanned ones, and
+    # sums the transposed products in another order.
     np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
     for name in expected_state:
         np.testing.assert_allclose(new_state[name], expected_state[name], rtol=1e-5, atol=1e-5, err_msg=name)
