@@ -8,14 +8,24 @@ rwkv-jax reads it back with `rj.load_pth` and the package loads the same file wi
 `strategy='cpu fp32'` in a subprocess (its import-time environment variables, e.g. RWKV_V7_ON,
 must not leak between versions; see tests/official_reference.py).
 
-Measured, as the median of `--repeats` runs after two warm-up runs (compilation):
+Measured, as the median of `--repeats` runs after two warm-up runs (compilation), in `--rounds`
+rounds per version that each measure ours and then the package; the table shows medians over
+the rounds, ratios as the median of the per-round ratios:
 - prefill: a `--prompt-tokens` prompt from the zero state. Ours: `rwkv_jax.generation.prefill`
   (the parallel form); the package: one `model.forward(tokens, None)` call (its sequence mode).
 - decode: `--new-tokens` greedy tokens after the prompt. Ours: `rwkv_jax.generation.decode`, the
-  jitted on-device loop (argmax included); the package: `forward([token], state)` plus a torch
+  jitted on-device loop (argmax included), on params laid out once by `prepare_decoding` (as the
+  package lays its weights out once when it loads them); the package: `forward([token], state)` plus a torch
   argmax per token, as its `PIPELINE.generate` does.
 - decode at batch `--batch`: ours decodes B prompts at once; the package has no batch, so its
   rate is taken as B times its batch-1 rate.
+- the read floor: batch-1 decoding reads every weight once per token (all but the embedding
+  table, of which it gathers one row); the floor is the time XLA takes to read those arrays once
+  (a jitted sum of each, all independent), and `at floor` the ratio a decoder running at that
+  speed would reach (the package's time per token / the floor). It is an estimate of the
+  machine's streaming rate, not a hard limit (matrix-vector products can stream a little faster
+  than these sums), measured in the same run because the memory bandwidth of a shared host
+  moves by ~20% from run to run.
 Both sides use every CPU core they see. Prints `uptime` before and after: the numbers are only
 as steady as the machine.
 """
@@ -110,7 +120,7 @@ def run_ours(checkpoint: str, prompt: list[int], batch: int, new_tokens: int, re
     import jax
 
     import rwkv_jax as rj
-    from rwkv_jax.generation import decode, prefill
+    from rwkv_jax.generation import decode, prefill, prepare_decoding
 
     cfg, params = rj.load_pth(checkpoint)
     result = {}
@@ -118,16 +128,41 @@ def run_ours(checkpoint: str, prompt: list[int], batch: int, new_tokens: int, re
     result["prefill_s"] = _median_seconds(lambda: jax.block_until_ready(prefill(cfg, params, prompts[1])), repeats)
     for rows in sorted(set(prompts)):
         logits, state = prefill(cfg, params, [p[-1:] for p in prompts[rows]])
+        prepared = prepare_decoding(cfg, params, batch_size=rows)
 
         def run():
-            out = decode(cfg, params, logits, state, max_new_tokens=new_tokens, temperature=0)
+            out = decode(cfg, prepared, logits, state, max_new_tokens=new_tokens, temperature=0)
             jax.block_until_ready(out.logits)
 
         result[f"decode_b{rows}_s"] = _median_seconds(run, repeats)
+    weights = [leaf for name, tree in params.items() if name != "emb" for leaf in jax.tree.leaves(tree)]
+    read_once = jax.jit(lambda arrays: [array.sum() for array in arrays])
+    result["floor_s"] = _median_seconds(lambda: jax.block_until_ready(read_once(weights)), 10 * repeats)
+    result["bytes_per_token"] = sum(w.size * w.dtype.itemsize for w in weights)
     return result
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def _rates(args: argparse.Namespace, ours: dict, official: dict) -> dict:
+    """One round's rates (tokens/s) and ratios (ours / official)."""
+    rates = {
+        "prefill_ours": args.prompt_tokens / ours["prefill_s"],
+        "prefill_official": args.prompt_tokens / official["prefill_s"],
+        "decode_ours": args.new_tokens / ours["decode_b1_s"],
+        "decode_official": args.new_tokens / official["decode_s"],
+        "decode_batch_ours": args.batch * args.new_tokens / ours[f"decode_b{args.batch}_s"],
+        "ms_per_token_ours": 1e3 * ours["decode_b1_s"] / args.new_tokens,
+        "ms_per_token_floor": 1e3 * ours["floor_s"],
+        "mb_per_token": ours["bytes_per_token"] / 1e6,
+        "official_threads": official["threads"],
+    }
+    rates["prefill_ratio"] = rates["prefill_ours"] / rates["prefill_official"]
+    rates["decode_ratio"] = rates["decode_ours"] / rates["decode_official"]
+    rates["decode_ratio_at_floor"] = official["decode_s"] / args.new_tokens / ours["floor_s"]
+    rates["decode_batch_ratio"] = rates["decode_batch_ours"] / (args.batch * rates["decode_official"])
+    return rates
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,11 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="ours-then-official rounds per version")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.smoke:
         args.layers, args.embd, args.vocab, args.prompt_tokens, args.new_tokens = 2, 128, 1024, 16, 8
-        args.batch, args.repeats = 2, 1
+        args.batch, args.repeats, args.rounds = 2, 1, 1
 
     import jax
     import jax.numpy as jnp
@@ -164,29 +200,27 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = os.path.join(tmp, f"v{version}.pth")
             rj.save_pth(checkpoint, cfg, params)
             del params
-            ours = run_ours(checkpoint, prompt, args.batch, args.new_tokens, args.repeats)
-            official = run_official(checkpoint, version, prompt, args.new_tokens, args.repeats)
-            rates = {
-                "version": version,
-                "prefill_ours": args.prompt_tokens / ours["prefill_s"],
-                "prefill_official": args.prompt_tokens / official["prefill_s"],
-                "decode_ours": args.new_tokens / ours["decode_b1_s"],
-                "decode_official": args.new_tokens / official["decode_s"],
-                f"decode_b{args.batch}_ours": args.batch * args.new_tokens / ours[f"decode_b{args.batch}_s"],
-                "official_threads": official["threads"],
-            }
-            rows.append(rates)
+            rounds = []
+            for _ in range(args.rounds):  # alternate the two sides: the host's memory bandwidth drifts
+                ours = run_ours(checkpoint, prompt, args.batch, args.new_tokens, args.repeats)
+                official = run_official(checkpoint, version, prompt, args.new_tokens, args.repeats)
+                rounds.append(_rates(args, ours, official))
             os.remove(checkpoint)
-            print(f"measured v{version}: {json.dumps(rates)}", file=sys.stderr, flush=True)  # progress
+            row = {"version": version, "rounds": len(rounds),
+                   **{name: statistics.median(r[name] for r in rounds) for name in rounds[0]}}
+            rows.append(row)
+            print(f"measured v{version}: {json.dumps(row)}", file=sys.stderr, flush=True)  # progress
     B = args.batch
+    print(f"medians of {args.rounds} rounds (ratios: median of the per-round ratios)")
     print(f"{'':4} | {'prefill tok/s: ours':>19} {'official':>9} {'ratio':>6} | {'decode B=1: ours':>16} "
-          f"{'official':>9} {'ratio':>6} | {f'decode B={B}: ours':>16} {f'{B}x official':>11} {'ratio':>6}")
+          f"{'official':>9} {'ratio':>6} {'at floor':>8} | {f'decode B={B}: ours':>16} {f'{B}x official':>11} {'ratio':>6}"
+          f" | {'MB/token':>8} {'ms/token: ours':>14} {'floor':>6}")
     for r in rows:
-        batch_official = B * r["decode_official"]
         print(f"v{r['version']:<3} | {r['prefill_ours']:19.1f} {r['prefill_official']:9.1f} "
-              f"{r['prefill_ours'] / r['prefill_official']:6.2f} | {r['decode_ours']:16.1f} {r['decode_official']:9.1f} "
-              f"{r['decode_ours'] / r['decode_official']:6.2f} | {r[f'decode_b{B}_ours']:16.1f} {batch_official:11.1f} "
-              f"{r[f'decode_b{B}_ours'] / batch_official:6.2f}")
+              f"{r['prefill_ratio']:6.2f} | {r['decode_ours']:16.1f} {r['decode_official']:9.1f} "
+              f"{r['decode_ratio']:6.2f} {r['decode_ratio_at_floor']:8.2f} | "
+              f"{r['decode_batch_ours']:16.1f} {B * r['decode_official']:11.1f} {r['decode_batch_ratio']:6.2f} | "
+              f"{r['mb_per_token']:8.0f} {r['ms_per_token_ours']:14.2f} {r['ms_per_token_floor']:6.2f}")
     print(f"uptime: {os.popen('uptime').read().strip()}")
     if args.json:
         with open(args.json, "w") as f:
