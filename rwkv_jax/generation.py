@@ -433,7 +433,8 @@ def step_params(cfg: RWKVConfig, params: Params, batch_size: int | None = None) 
 
 @jax.jit
 def _kernels_out_in(tree: Params) -> Params:
-    """Every `{"kernel": [in, out]}` Linear of `tree` as `{"kernel_out_in": [out, in]}`."""
+    """Every `{"kernel": [in, out]}` Linear of `tree` (bias-free, as in RWKV-4..7) as
+    `{"kernel_out_in": [out, in]}`."""
     if isinstance(tree, (list, tuple)):
         return type(tree)(_kernels_out_in(item) for item in tree)
     if not isinstance(tree, dict):
@@ -454,8 +455,7 @@ def _dense_from_out_in_kernel(next_fun: Callable, args: tuple, kwargs: dict, con
     (x,) = args
     kernel = module.variables["params"]["kernel_out_in"]
     dtype = module.dtype or jnp.result_type(x, kernel)
-    y = jnp.einsum("...i,oi->...o", x.astype(dtype), kernel.astype(dtype))
-    return y + module.variables["params"]["bias"].astype(dtype) if module.use_bias else y
+    return jnp.einsum("...i,oi->...o", x.astype(dtype), kernel.astype(dtype))
 
 
 @functools.partial(jax.jit, static_argnums=1)
