@@ -15,8 +15,8 @@ the rounds, ratios as the median of the per-round ratios:
   (the parallel form); the package: one `model.forward(tokens, None)` call (its sequence mode).
 - decode: `--new-tokens` greedy tokens after the prompt. Ours: `rwkv_jax.generation.decode`, the
   jitted on-device loop (argmax included), on params laid out once by `prepare_decoding` (as the
-  package lays its weights out once when it loads them); the package: `forward([token], state)` plus a torch
-  argmax per token, as its `PIPELINE.generate` does.
+  package lays its weights out once when it loads them); the package: `forward([token], state)`
+  plus a torch argmax per token, as its `PIPELINE.generate` does.
 - decode at batch `--batch`: ours decodes B prompts at once; the package has no batch, so its
   rate is taken as B times its batch-1 rate.
 - the read floor: batch-1 decoding reads every weight once per token (all but the embedding
