@@ -47,6 +47,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.platform import kernel_dot
+
 _F32 = jnp.float32
 Tiles = tuple[jax.Array, ...]
 
@@ -59,16 +61,16 @@ class DiagOps:
       δ in an exponent is a relative error δ on its decay factor).
     data: precision of the matmuls that touch r, k, v and the state (fp32-accurate for fp32
       inputs; the default, faster, precision suffices for bf16 inputs).
+    interpret: the kernels run in Pallas interpret mode, so reduced-precision algorithms are
+      emulated (`platform.kernel_dot`).
     """
 
     decay_sums: Any
     data: Any
+    interpret: bool = False
 
     def _dot(self, x, y, x_axis: int, y_axis: int, precision) -> jax.Array:
-        return jax.lax.dot_general(
-            x, y, (((x_axis,), (y_axis,)), ((), ())),
-            precision=precision, preferred_element_type=_F32,
-        )
+        return kernel_dot(x, y, x_axis, y_axis, precision, interpret=self.interpret)
 
     def mm(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """x @ y."""

@@ -14,10 +14,10 @@ read as strided tiles, so no transpose or upcast pass runs outside the kernels.
   the chunks in reverse from their stored start states, adds the state's gradients to the intra
   ones, and carries the state cotangent in registers.
 
-Matmul precision on the device: the log-decay sums always, and for fp32 inputs every matmul, run
-as TF32x3 (three tensor-core passes, ≈ fp32 accuracy); the data matmuls of bf16 inputs as TF32.
-In interpret mode on CPU, where those algorithms do not exist, everything runs as fp32
-(`HIGHEST`).
+Matmul precision: the log-decay sums always, and for fp32 inputs every matmul, run as TF32x3
+(three tensor-core passes, ≈ fp32 accuracy); the data matmuls of bf16 inputs as one TF32 pass
+(`platform.gpu_data_precision`). Interpret mode emulates TF32 by truncating the operands
+(`platform.kernel_dot`), so the CPU tests see the device's rounding.
 """
 
 from __future__ import annotations
@@ -31,18 +31,15 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.diag_chunk import (DiagOps, chunk_backward, chunk_forward, inter_backward,
                                        inter_forward)
+from pallas_kernels.platform import TF32_X3, gpu_data_precision
 
 _F32 = jnp.float32
 # tl.dot needs every matmul dimension ≥ 16, and the sub-block is one of them.
 SUB_BLOCK = 16
 
 
-def _ops(dtype, interpret: bool) -> DiagOps:
-    if interpret:
-        return DiagOps(decay_sums=jax.lax.Precision.HIGHEST, data=jax.lax.Precision.HIGHEST)
-    accurate = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-    data = accurate if jnp.dtype(dtype) == jnp.float32 else jax.lax.DotAlgorithmPreset.TF32_TF32_F32
-    return DiagOps(decay_sums=accurate, data=data)
+def _ops(inputs, interpret: bool) -> DiagOps:
+    return DiagOps(decay_sums=TF32_X3, data=gpu_data_precision(*inputs), interpret=interpret)
 
 
 def _compiler_params(chunk_size: int, head_size: int) -> plgpu.CompilerParams:
@@ -139,7 +136,7 @@ def forward(r, logw, k, v, u, state, *, chunk_size: int, interpret: bool):
     and the chunk start states `[B, H, T/L, N, N]` (both fp32, [value, key])."""
     batch, seq_len, heads, head_size = r.shape
     num_chunks = seq_len // chunk_size
-    ops = _ops(r.dtype, interpret)
+    ops = _ops((r, logw, k, v), interpret)
     params = _compiler_params(chunk_size, head_size)
     y_intra = pl.pallas_call(
         functools.partial(_intra_forward_kernel, chunk_size=chunk_size, ops=ops),
@@ -171,7 +168,7 @@ def backward(r, logw, k, v, u, chunk_states, d_y, d_final_state, *, chunk_size: 
     [value, key]."""
     batch, seq_len, heads, head_size = r.shape
     num_chunks = seq_len // chunk_size
-    ops = _ops(r.dtype, interpret)
+    ops = _ops((r, logw, k, v), interpret)
     params = _compiler_params(chunk_size, head_size)
     *d_intra, d_u = pl.pallas_call(
         functools.partial(_intra_backward_kernel, chunk_size=chunk_size, ops=ops),

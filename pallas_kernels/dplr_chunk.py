@@ -40,27 +40,34 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.platform import kernel_dot
+
 _F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
 class ChunkOps:
-    """The matmul precision and cumulative-sum strategy a Pallas backend needs.
+    """The matmul precisions and cumulative-sum strategy a Pallas backend needs.
 
-    precision: passed to every ``lax.dot_general`` (e.g. ``Precision.HIGHEST`` or a
-      ``DotAlgorithmPreset``).
+    precision: of the matmuls on data (r, k, v, a, b, the state and their products): a
+      ``Precision`` or a ``DotAlgorithmPreset``.
+    sums: of the masked matmuls that form cumulative sums (log-decays, their gradients); must
+      be ≈ fp32.
     native_cumsum: use ``jnp.cumsum`` (Triton lowers it to a scan of fp32 adds); otherwise a dot
       with a lower-triangular ones matrix (Mosaic TPU has no cumsum).
+    interpret: the kernels run in Pallas interpret mode, so reduced-precision algorithms are
+      emulated (``platform.kernel_dot``).
     """
 
     precision: Any
     native_cumsum: bool
+    sums: Any = jax.lax.Precision.HIGHEST
+    interpret: bool = False
 
-    def _dot(self, x: jax.Array, y: jax.Array, x_axis: int, y_axis: int) -> jax.Array:
-        return jax.lax.dot_general(
-            x, y, (((x_axis,), (y_axis,)), ((), ())),
-            precision=self.precision, preferred_element_type=_F32,
-        )
+    def _dot(self, x: jax.Array, y: jax.Array, x_axis: int, y_axis: int,
+             precision: Any = None) -> jax.Array:
+        precision = self.precision if precision is None else precision
+        return kernel_dot(x, y, x_axis, y_axis, precision, interpret=self.interpret)
 
     def mm(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """``x @ y``."""
@@ -78,11 +85,11 @@ class ChunkOps:
         """Inclusive cumulative sum over rows of ``[L, N]``."""
         if self.native_cumsum:
             return jnp.cumsum(x, axis=0)
-        return self.mm(_lower_mask(x.shape[0], strict=False).astype(_F32), x)
+        return self._dot(_lower_mask(x.shape[0], strict=False).astype(_F32), x, 1, 0, self.sums)
 
     def reverse_cumsum(self, x: jax.Array) -> jax.Array:
         """``out[s] = Σ_{t≥s} x[t]`` over rows of ``[L, N]`` (Triton has no reverse scan)."""
-        return self.mm_tn(_lower_mask(x.shape[0], strict=False).astype(_F32), x)
+        return self._dot(_lower_mask(x.shape[0], strict=False).astype(_F32), x, 0, 0, self.sums)
 
 
 def _lower_mask(length: int, *, strict: bool) -> jax.Array:

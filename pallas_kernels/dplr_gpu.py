@@ -17,8 +17,10 @@ directly as strided ``[L, N]`` tiles, so no transpose or upcast pass is spent ou
 The sequential kernels only do a few ``[L, N] x [N, N]`` products per chunk; the parallel ones
 give the GPU B·H·T/L independent programs.
 
-Matmul precision: on the device every dot runs as TF32x3 (three tensor-core passes, ≈ fp32
-accuracy); in interpret mode on CPU, where that algorithm does not exist, as fp32 (``HIGHEST``).
+Matmul precision (``platform.gpu_data_precision``): TF32x3 (three tensor-core passes, ≈ fp32) when
+every input is fp32, one TF32 pass for bf16 inputs; the cumulative sums always TF32x3. In
+interpret mode TF32 is emulated by truncating the operands (``platform.kernel_dot``), so the CPU
+tests see the device's rounding.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pallas_kernels.dplr_chunk import (
     chunk_state_step,
     chunk_summary,
 )
+from pallas_kernels.platform import TF32_X3, gpu_data_precision
 
 _F32 = jnp.float32
 # Rows of the state (value index) evolve independently, so the sequential kernels split them
@@ -45,11 +48,9 @@ _F32 = jnp.float32
 VALUE_BLOCK = 32
 
 
-def _ops(interpret: bool) -> ChunkOps:
-    precision = (
-        jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-    )
-    return ChunkOps(precision=precision, native_cumsum=True)
+def _ops(inputs, interpret: bool) -> ChunkOps:
+    return ChunkOps(precision=gpu_data_precision(*inputs), native_cumsum=True, sums=TF32_X3,
+                    interpret=interpret)
 
 
 def _compiler_params(chunk_size: int, *, heavy: bool) -> plgpu.CompilerParams:
@@ -144,7 +145,7 @@ def forward(r, logw, k, v, a, b, state, *, chunk_size: int, block: int, interpre
     """
     batch, seq_len, heads, dim = r.shape
     num_chunks = seq_len // chunk_size
-    ops = _ops(interpret)
+    ops = _ops((r, logw, k, v, a, b), interpret)
     token_f32 = jax.ShapeDtypeStruct((batch, seq_len, heads, dim), _F32)
     *summary, solves = pl.pallas_call(
         functools.partial(_summary_kernel, chunk_size=chunk_size, block=block, ops=ops),
@@ -179,7 +180,7 @@ def backward(r, logw, k, v, a, b, residuals, d_y, d_final_state, *,
     """Gradients ``(d_r, d_logw, d_k, d_v, d_a, d_b)`` in the inputs' dtypes and fp32 ``d_state``."""
     batch, seq_len, heads, dim = r.shape
     num_chunks = seq_len // chunk_size
-    ops = _ops(interpret)
+    ops = _ops((r, logw, k, v, a, b), interpret)
     chunk_states, solves, a_solved, r_read = residuals
     value_block = min(VALUE_BLOCK, dim)
     d_state, d_chunk_ends = pl.pallas_call(

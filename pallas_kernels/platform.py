@@ -1,8 +1,17 @@
-"""Which Pallas variant runs where: "gpu" (Triton lowering) or "tpu" (Mosaic)."""
+"""Which Pallas variant runs where: "gpu" (Triton lowering) or "tpu" (Mosaic), and the matmul
+precisions the kernels request, as the device runs them or as interpret mode emulates them."""
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
+import jax.numpy as jnp
+
+# Tensor-core algorithms the GPU variants request: one TF32 pass, or three (≈ fp32 accuracy).
+TF32 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+TF32_X3 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 PLATFORMS = ("gpu", "tpu")
 
@@ -26,3 +35,63 @@ def resolve_platform(platform: str | None, interpret: bool) -> str:
     if platform not in PLATFORMS:
         raise ValueError(f"platform must be one of {PLATFORMS} or None, got {platform!r}")
     return platform
+
+
+def gpu_data_precision(*inputs: jax.Array) -> Any:
+    """The GPU kernels' precision for matmuls on data: TF32x3 when every input is fp32 (so fp32
+    inputs get fp32-accurate results), one TF32 pass otherwise (bf16 inputs carry 8 bits of
+    mantissa; TF32 keeps 11, and three passes would triple the tensor-core work and the live
+    registers for no visible gain)."""
+    return TF32_X3 if all(jnp.dtype(x.dtype) == jnp.float32 for x in inputs) else TF32
+
+
+def truncate_to_tf32(x: jax.Array) -> jax.Array:
+    """fp32 ``x`` with the low 13 mantissa bits cleared: what an NVIDIA tensor core reads of an
+    fp32 operand in a TF32 multiply (Triton issues the ``mma`` on the raw fp32 bits, no rounding
+    ``cvt``), so the worst case of TF32, not round-to-nearest."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jax.lax.bitcast_convert_type(bits & jnp.uint32(0xFFFFE000), jnp.float32)
+
+
+def kernel_dot(x: jax.Array, y: jax.Array, x_axis: int, y_axis: int, precision: Any, *,
+               interpret: bool) -> jax.Array:
+    """2-D ``x · y`` contracting ``x_axis`` with ``y_axis``, fp32 result, at ``precision``.
+
+    In interpret mode (CPU, where the tensor-core algorithms do not exist) the device's numerics
+    are emulated: TF32 truncates both operands and multiplies in fp32, also in the dots of its
+    derivative (as the device's transposed dots do); TF32x3 runs as fp32 (``HIGHEST``). So the
+    CPU tests check the rounding the GPU kernels really do.
+    """
+    if interpret and isinstance(precision, jax.lax.DotAlgorithmPreset):
+        if precision == TF32:
+            return _emulated_tf32_dot(x, y, x_axis, y_axis)
+        precision = jax.lax.Precision.HIGHEST
+    return _dot_f32(x, y, x_axis, y_axis, precision)
+
+
+def _dot_f32(x, y, x_axis: int, y_axis: int, precision: Any) -> jax.Array:
+    return jax.lax.dot_general(x, y, (((x_axis,), (y_axis,)), ((), ())),
+                               precision=precision, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _emulated_tf32_dot(x, y, x_axis: int, y_axis: int) -> jax.Array:
+    # custom_vjp: the truncation's own derivative is zero; the device differentiates a TF32
+    # dot into TF32 dots of the cotangent.
+    return _dot_f32(truncate_to_tf32(x), truncate_to_tf32(y), x_axis, y_axis,
+                    jax.lax.Precision.HIGHEST)
+
+
+def _emulated_tf32_dot_fwd(x, y, x_axis, y_axis):
+    return _emulated_tf32_dot(x, y, x_axis, y_axis), (x, y)
+
+
+def _emulated_tf32_dot_bwd(x_axis, y_axis, residuals, d_out):
+    x, y = residuals  # d_out [m, n]: m the free axis of x, n that of y
+    d_x = _emulated_tf32_dot(d_out, y, 1, 1 - y_axis)  # [m, k]
+    d_y = _emulated_tf32_dot(x, d_out, 1 - x_axis, 0)  # [k, n]
+    return (d_x if x_axis == 1 else d_x.T).astype(x.dtype), \
+        (d_y if y_axis == 0 else d_y.T).astype(y.dtype)
+
+
+_emulated_tf32_dot.defvjp(_emulated_tf32_dot_fwd, _emulated_tf32_dot_bwd)

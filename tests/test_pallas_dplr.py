@@ -116,6 +116,26 @@ def test_bf16_inputs(platform):
     assert_matches_oracle(platform, 16, inputs_bf16, tolerance=2e-2, reference_inputs=rounded)
 
 
+@pytest.mark.parametrize(
+    "shape, chunk_size, options",
+    [
+        ((1, 70, 2, 64), 32, {"parallel_keys": True, "decay": "strongest"}),
+        ((2, 45, 1, 64), 64, {"parallel_keys": True}),
+    ],
+    ids=["parallel_keys_strongest_l32", "parallel_keys_l64"],
+)
+def test_bf16_inputs_with_tf32_dots_hold_in_the_hard_cases(shape, chunk_size, options):
+    # bf16 inputs make the GPU kernels run every data matmul as one TF32 pass, which interpret
+    # mode emulates by truncating the operands: the nearly-parallel-keys solve must survive it.
+    inputs = make_inputs(16, *shape, **options)
+    inputs_bf16 = [jnp.asarray(x, jnp.bfloat16) for x in inputs[:-1]] + [inputs[-1]]
+    rounded = [jnp.asarray(x, jnp.float32) for x in inputs_bf16]
+    y, final_state = assert_matches_oracle("gpu", chunk_size, inputs_bf16, tolerance=2e-2,
+                                           reference_inputs=rounded)
+    y_ref, _ = jax.jit(wkv7_oracle)(*rounded)
+    assert rel_err(y, y_ref) > 1e-5  # TF32 rounding is visible: the emulation is on
+
+
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_sequence_shorter_than_chunk(platform):
     inputs = make_inputs(13, 1, 5, 1, 32)
