@@ -89,7 +89,7 @@ class DiagOps:
         return self._dot(mask, logw, 1, 0, self.decay_sums)
 
 
-def _row(x: jax.Array, index: int) -> jax.Array:
+def _row(x: jax.Array, index: int | jax.Array) -> jax.Array:
     """Row `index` of `x [S, N]` as `[1, N]`; a masked sum, because Triton cannot slice values."""
     rows = jax.lax.broadcasted_iota(jnp.int32, (x.shape[0], 1), 0)
     return jnp.sum(jnp.where(rows == index, x, 0.0), axis=0, keepdims=True)
@@ -102,28 +102,36 @@ def _indices(size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return t_index, i_index, jax.lax.broadcasted_iota(jnp.int32, (size, 1), 0)
 
 
-def _between_columns(logw: jax.Array):
-    """Yields (i, D[:, i, :]) for i = S−2 … 0, with D[t, i] = Σ_{i<j<t} logw_j `[S, N]` for t > i
-    (rows t ≤ i hold 0). Each step adds one token's logw to every run that covers it, so each
-    entry is a running sum of non-positive numbers: no cancellation."""
+def _walk_columns(logw: jax.Array, body, init):
+    """Folds ``body(i, between, carry) -> carry`` over the columns i = S−2 … 0 of the pairwise
+    decays, with ``between = D[:, i, :]`` `[S, N]`, D[t, i] = Σ_{i<j<t} logw_j for t > i (rows
+    t ≤ i hold 0). Each step adds one token's logw to every run that covers it, so each entry is
+    a running sum of non-positive numbers: no cancellation. A rolled loop (``fori_loop``, one
+    column per iteration): unrolled, the S−1 columns of every sub-block made the GPU backward
+    kernel's Triton module ~0.7 MB and its compile take minutes."""
     size = logw.shape[0]
     token = _indices(size)[2]
-    between = jnp.zeros_like(logw)
-    for i in range(size - 2, -1, -1):
+
+    def step(count, state):
+        between, carry = state
+        i = size - 2 - count
         # D[t, i] = D[t, i + 1] + logw_{i+1} for t ≥ i + 2, and 0 (no token between) for t = i + 1.
         between = jnp.where(token >= i + 2, between + _row(logw, i + 1), 0.0)
-        yield i, between
+        return between, body(i, between, carry)
+
+    return jax.lax.fori_loop(0, size - 1, step, (jnp.zeros_like(logw), init))[1]
 
 
 def _pair_scores(r, logw, k):
     """scores[t, i] = Σ_c r_t[c] k_i[c] e^{D[t,i,c]} for i < t, 0 elsewhere; r, logw, k `[S, N]`."""
     size = r.shape[0]
     t_index, i_index, _ = _indices(size)
-    scores = jnp.zeros((size, size), _F32)
-    for i, between in _between_columns(logw):
+
+    def add_column(i, between, scores):
         column = jnp.sum(r * _row(k, i) * jnp.exp(between), axis=1, keepdims=True)  # [S, 1]
-        scores = scores + jnp.where((i_index == i) & (t_index > i), column, 0.0)
-    return scores
+        return scores + jnp.where((i_index == i) & (t_index > i), column, 0.0)
+
+    return _walk_columns(logw, add_column, jnp.zeros((size, size), _F32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -145,17 +153,19 @@ def _pair_scores_bwd(ops: DiagOps, residuals, d_scores):
     size = r.shape[0]
     t_index, i_index, token = _indices(size)
     later = (i_index > t_index).astype(_F32)  # later @ x: Σ_{t>j} x_t in row j
-    d_r, d_logw, d_k = jnp.zeros_like(r), jnp.zeros_like(logw), jnp.zeros_like(k)
-    for i, between in _between_columns(logw):
+
+    def add_column(i, between, grads):
+        d_r, d_logw, d_k = grads
         weight = jnp.sum(jnp.where((i_index == i) & (t_index > i), d_scores, 0.0), axis=1,
                          keepdims=True)  # d_scores[t, i], [S, 1]
         weighted_decay = weight * jnp.exp(between)
         k_i = _row(k, i)
-        d_r = d_r + weighted_decay * k_i
         r_term = r * weighted_decay
-        d_k = d_k + jnp.where(token == i, jnp.sum(r_term, axis=0, keepdims=True), 0.0)
-        d_logw = d_logw + jnp.where(token > i, ops.masked_sum(later, r_term * k_i), 0.0)
-    return d_r, d_logw, d_k
+        return (d_r + weighted_decay * k_i,
+                d_logw + jnp.where(token > i, ops.masked_sum(later, r_term * k_i), 0.0),
+                d_k + jnp.where(token == i, jnp.sum(r_term, axis=0, keepdims=True), 0.0))
+
+    return _walk_columns(logw, add_column, (jnp.zeros_like(r), jnp.zeros_like(logw), jnp.zeros_like(k)))
 
 
 _pair_scores_with_vjp.defvjp(_pair_scores_fwd, _pair_scores_bwd)
