@@ -16,7 +16,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -k "compiled" \
+# Four workers compile the kernels side by side (each kernel's Triton compile is single-threaded,
+# up to ~30 s for the v4 backward); they share the GPU, so no worker may preallocate its memory.
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 python3 -m pytest -q -p no:cacheprovider -n 4 -k "compiled" \
   tests/test_pallas_dplr.py tests/test_pallas_diag.py tests/test_pallas_vector.py 2>&1 | tail -15 | tee "$OUT/tests_pallas_gpu.txt"
 timeout 240 python3 experiments/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels_gpu.txt"
 timeout 120 python3 experiments/bench_wkv.py --batch 8 --heads 12 --lengths 4096 --dtype bfloat16 \

@@ -181,6 +181,25 @@ def test_compiled_kernel_on_device_matches_oracle(options, chunk_size):
         assert rel_err(grad, grad_ref) <= 1e-4, name
 
 
+@pytest.mark.skipif(backend_platform() is None, reason="needs a GPU or TPU")
+@pytest.mark.parametrize(
+    "options", [{}, {"parallel_keys": True, "decay": "strongest"}],
+    ids=["random", "parallel_keys_strongest"],
+)
+def test_compiled_kernel_on_device_with_bf16_inputs(options):
+    # The training case: bf16 inputs, default chunk, one TF32 pass per data matmul on a GPU.
+    inputs = make_inputs(20, 2, 300, 3, 64, **options)
+    inputs_bf16 = [jnp.asarray(x, jnp.bfloat16) for x in inputs[:-1]] + [inputs[-1]]
+    rounded = [jnp.asarray(x, jnp.float32) for x in inputs_bf16]
+    y, final_state, grads = outputs_and_grads(wkv7_pallas, inputs_bf16)
+    y_ref, state_ref, grads_ref = outputs_and_grads(wkv7_oracle, rounded)
+    assert rel_err(y, y_ref) <= 2e-2
+    assert rel_err(final_state, state_ref) <= 2e-2
+    for name, grad, grad_ref in zip(ARG_NAMES, grads, grads_ref):
+        assert grad.dtype == jnp.bfloat16 or name == "state", name
+        assert rel_err(grad, grad_ref) <= 2e-2, name
+
+
 # ---------------------------------------------------------------------------------------------
 # Options and their errors.
 
