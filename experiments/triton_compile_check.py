@@ -167,6 +167,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 or 80")
     args = parser.parse_args()
+    # A fresh cache, so that the compile column times real compiles, not cache hits.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_compile_check_")
     import triton
 
     print(f"jax {jax.__version__}, triton {triton.__version__}, sm_{args.arch}, "
