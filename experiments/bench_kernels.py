@@ -213,9 +213,11 @@ def main() -> None:
     v6_kernel, v6_missing = pallas_v6(interpret)
     if v6_missing:
         notes.append(v6_missing)
-    for version in args.versions:
-        oracle, parallel = (wkv7_oracle, wkv7_parallel) if version == 7 else (wkv6_oracle, wkv6_parallel)
-        for batch, seq_len, heads in shapes:
+    # Shape-major, the goal shape (8, 4096, 12) first: a run cut short by a device time limit
+    # still has both versions at that shape.
+    for batch, seq_len, heads in shapes:
+        for version in args.versions:
+            oracle, parallel = (wkv7_oracle, wkv7_parallel) if version == 7 else (wkv6_oracle, wkv6_parallel)
             per_token, rest = make_inputs(version, batch, seq_len, heads, head_size, dtype, seed=seq_len)
             impls: list[tuple[str, Callable | None]] = [("oracle", oracle), ("parallel", parallel)]
             if version == 7:
