@@ -4,7 +4,8 @@ Chain of trust: the float64 NumPy loop of tests/test_wkv_dplr.py -> wkv7_oracle 
 wkv7_pallas (GPU/Triton and TPU/Mosaic variants run by Pallas' interpreters on CPU). Gradients
 are checked against autodiff of the oracle with random cotangents on y AND the final state, for
 every input including the initial state. Device lowering is checked by exporting for "cuda" and
-"tpu" (this proves the jaxpr -> Triton/Mosaic lowering; the final device compile needs hardware).
+"tpu" (this proves the jaxpr -> Triton/Mosaic lowering; tests/test_triton_compile.py compiles the
+GPU kernels on down to sm_90 cubins). Interpret mode emulates the GPU's TF32 matmuls for bf16 inputs.
 Errors use tests/helpers.py rel_err (max|Δ| / max|reference|).
 """
 
@@ -161,8 +162,8 @@ def test_empty_sequence_returns_initial_state():
 
 
 # ---------------------------------------------------------------------------------------------
-# Compiled kernels on a real accelerator (skipped on CPU): the device's own matmul precision
-# (TF32x3 on GPU) is only exercised here.
+# Compiled kernels on a real accelerator (skipped on CPU): the device's own matmul units (TF32x3
+# for fp32 inputs, TF32 for bf16 on a GPU; interpret mode only emulates them) run only here.
 
 @pytest.mark.skipif(backend_platform() is None, reason="needs a GPU or TPU")
 @pytest.mark.parametrize("chunk_size", [16, 32, 64])
