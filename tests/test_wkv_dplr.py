@@ -13,6 +13,7 @@ import pytest
 
 from rwkv_jax.wkv.dplr import (
     RWKV7_MIN_LOG_DECAY,
+    _solve_unit_lower,
     wkv7_oracle,
     wkv7_parallel,
     wkv7_step,
@@ -271,3 +272,44 @@ def test_parallel_gradients_match_oracle(shape, chunk_size, options):
     for name, g_actual, g_expected in zip(ARG_NAMES, actual, expected):
         assert np.all(np.isfinite(g_actual)), name
         assert relative_error(g_actual, g_expected) <= 1e-4, name
+
+
+@pytest.mark.parametrize("use_substitution", [True, False], ids=["jnp_substitution", "library_solve"])
+def test_unit_lower_solve_and_its_gradients_match_float64(use_substitution):
+    # Both ways the parallel form solves (I - B̃) x = rhs: the jnp substitution (CPU backends) and
+    # jax.lax.linalg.triangular_solve (cuBLAS on a GPU; here LAPACK, at a batch of 2, far below
+    # the size at which jaxlib 0.10's CPU solve can deadlock). Entries near -1 make the inverse
+    # grow like binomial coefficients, so a sloppy solve would show.
+    rng = np.random.default_rng(3)
+    length, width = 16, 5
+    strictly_lower = np.tril(-1.0 + 1e-2 * rng.standard_normal((2, length, length)), k=-1) / 4
+    rhs = rng.standard_normal((2, length, width))
+    cotangent = rng.standard_normal((2, length, width))
+    solve = functools.partial(_solve_unit_lower, use_substitution=use_substitution)
+    x, pullback = jax.vjp(solve, jnp.asarray(strictly_lower, jnp.float32), jnp.asarray(rhs, jnp.float32))
+    d_matrix, d_rhs = pullback(jnp.asarray(cotangent, jnp.float32))
+
+    system = np.eye(length) - strictly_lower
+    x_ref = np.linalg.solve(system, rhs)
+    d_rhs_ref = np.linalg.solve(np.swapaxes(system, -1, -2), cotangent)
+    # x = (I - A)⁻¹ rhs: dA = d_rhs xᵀ, kept on the strictly lower part A lives on.
+    d_matrix_ref = np.tril(d_rhs_ref @ np.swapaxes(x_ref, -1, -2), k=-1)
+    assert relative_error(x, x_ref) <= 1e-5
+    assert relative_error(d_rhs, d_rhs_ref) <= 1e-5
+    assert relative_error(np.tril(np.asarray(d_matrix), k=-1), d_matrix_ref) <= 1e-5
+
+
+def test_parallel_form_with_the_library_solve_matches_oracle(monkeypatch):
+    # The parallel form as it runs off CPU (the solve is picked from the default backend at trace
+    # time): values and every gradient against the oracle. B·H·T/L = 2·1·3 keeps the CPU LAPACK
+    # solve far from jaxlib 0.10's deadlock size.
+    inputs = make_inputs(9, 2, 40, 1, 16, parallel_keys=True)
+    expected_y, expected_state = oracle(*inputs)
+    expected_grads = _grad_fns(16)[0](*inputs)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    y, final_state = jax.jit(functools.partial(wkv7_parallel, chunk_size=16))(*inputs)
+    grads = _grad_fns(16)[1](*inputs)
+    assert relative_error(y, expected_y) <= 1e-5
+    assert relative_error(final_state, expected_state) <= 1e-5
+    for name, actual, expected in zip(ARG_NAMES, grads, expected_grads):
+        assert relative_error(actual, expected) <= 1e-4, name

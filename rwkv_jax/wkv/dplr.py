@@ -128,34 +128,46 @@ def _forward_substitution(strictly_lower: jax.Array, rhs: jax.Array) -> jax.Arra
     return jax.lax.fori_loop(0, rhs.shape[-2], solve_row, jnp.zeros_like(rhs))
 
 
-def _solve_unit_lower(strictly_lower: jax.Array, rhs: jax.Array) -> jax.Array:
+def _solve_unit_lower(strictly_lower: jax.Array, rhs: jax.Array, *,
+                      use_substitution: bool | None = None) -> jax.Array:
     """``(I - strictly_lower)^{-1} rhs`` by forward substitution, differentiable in both arguments.
 
     Forward substitution is the backward-stable way to apply a unit-lower-triangular inverse (no
-    power series, no explicit inverse). It is written in jnp rather than calling
-    ``jax.lax.linalg.triangular_solve`` because jaxlib 0.10's CPU LAPACK kernels split a batch over
-    XLA's intra-op thread pool and block waiting for it: the backward pass of that solve issues two
-    independent solves, XLA runs them concurrently, and on a 2-core machine both pool threads wait
-    forever (seen here at B·H·T/L ≥ 128; jaxlib ≥ 0.11.1 no longer has that path). The price is on
-    accelerators: on an H200 the LAPACK/cuBLAS solve made the whole forward+backward ~2.5x faster at
-    B=1, H=2, T=4096 but only ~1.2x at B=8, H=12, T=4096.
-    ``custom_linear_solve`` keeps the gradient cheap: the backward pass is one transposed
-    substitution (``transpose_solve``) instead of differentiating through the loop, and the
-    matrix's gradient flows through ``matvec``.
+    power series, no explicit inverse). On a CPU backend it is written in jnp
+    (``_forward_substitution``) rather than calling ``jax.lax.linalg.triangular_solve``, because
+    jaxlib 0.10's CPU LAPACK kernels split a batch over XLA's intra-op thread pool and block
+    waiting for it: the backward pass of that solve issues two independent solves, XLA runs them
+    concurrently, and on a 2-core machine both pool threads wait forever (seen here at
+    B·H·T/L ≥ 128; jaxlib ≥ 0.11.1 no longer has that path). Elsewhere the library solve
+    (cuBLAS on a GPU) runs: on an H200 it made the whole forward+backward ~2.5x faster at B=1,
+    H=2, T=4096 and ~1.2x at B=8, H=12, T=4096 than the jnp substitution.
+    ``custom_linear_solve`` keeps the gradient cheap: the backward pass is one transposed solve
+    (``transpose_solve``) instead of differentiating through the loop, and the matrix's gradient
+    flows through ``matvec``.
 
     strictly_lower: ``[..., L, L]``, zero on and above the diagonal; rhs: ``[..., L, M]``.
+    use_substitution: None picks by backend (the jnp substitution on CPU only).
     """
+    if use_substitution is None:
+        use_substitution = jax.default_backend() == "cpu"
 
     def matvec(x):
         return x - _einsum("...ti,...im->...tm", strictly_lower, x)
 
     def solve(_, b):
-        return _forward_substitution(strictly_lower, b)
+        if use_substitution:
+            return _forward_substitution(strictly_lower, b)
+        # unit_diagonal: the zero diagonal of -A is read as ones, so this solves (I - A) x = b.
+        return jax.lax.linalg.triangular_solve(-strictly_lower, b, left_side=True, lower=True,
+                                               unit_diagonal=True)
 
     def transpose_solve(_, b):
-        # (I - A)ᵀ is unit upper; reversing the row order turns it into a unit-lower system.
-        reversed_transpose = jnp.flip(jnp.swapaxes(strictly_lower, -1, -2), axis=(-2, -1))
-        return jnp.flip(_forward_substitution(reversed_transpose, jnp.flip(b, axis=-2)), axis=-2)
+        if use_substitution:
+            # (I - A)ᵀ is unit upper; reversing the row order turns it into a unit-lower system.
+            reversed_transpose = jnp.flip(jnp.swapaxes(strictly_lower, -1, -2), axis=(-2, -1))
+            return jnp.flip(_forward_substitution(reversed_transpose, jnp.flip(b, axis=-2)), axis=-2)
+        return jax.lax.linalg.triangular_solve(-strictly_lower, b, left_side=True, lower=True,
+                                               transpose_a=True, unit_diagonal=True)
 
     return jax.lax.custom_linear_solve(matvec, rhs, solve, transpose_solve)
 
