@@ -21,7 +21,7 @@ python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__versi
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 python3 -m pytest -q -p no:cacheprovider -n 4 -k "compiled" \
   tests/test_pallas_dplr.py tests/test_pallas_diag.py tests/test_pallas_vector.py 2>&1 | tail -15 | tee "$OUT/tests_pallas_gpu.txt"
 timeout 240 python3 experiments/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels_gpu.txt"
-timeout 120 python3 experiments/bench_wkv.py --batch 8 --heads 12 --lengths 4096 --dtype bfloat16 \
-  --repeats 10 --json "$OUT/bench_wkv_gpu.json" 2>&1 | tee "$OUT/bench_wkv_gpu.txt"
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 90 python3 -m pytest -q -x -p no:cacheprovider \
+timeout 150 python3 experiments/bench_wkv.py --batch 8 --heads 12 --lengths 4096 --dtype bfloat16 \
+  --chunk-sizes 32 64 --repeats 10 --json "$OUT/bench_wkv_gpu.json" 2>&1 | tee "$OUT/bench_wkv_gpu.txt"
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 60 python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_wkv_dplr.py 2>&1 | tail -5 | tee "$OUT/tests_gpu.txt"
