@@ -17,7 +17,7 @@ fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 # Four workers compile the kernels side by side (each kernel's Triton compile is single-threaded,
-# up to ~30 s for the v4 backward); they share the GPU, so no worker may preallocate its memory.
+# up to ~10 s on this kind of CPU); they share the GPU, so no worker may preallocate its memory.
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 python3 -m pytest -q -p no:cacheprovider -n 4 -k "compiled" \
   tests/test_pallas_dplr.py tests/test_pallas_diag.py tests/test_pallas_vector.py 2>&1 | tail -15 | tee "$OUT/tests_pallas_gpu.txt"
 timeout 240 python3 experiments/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels_gpu.txt"
