@@ -1,0 +1,44 @@
+"""`experiments/bench_wkv.py` and `experiments/bench_kernels.py --smoke` run end to end and print
+their tables (both are what a device session runs, through experiments/device_check.sh)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_bench_wkv_prints_one_row_per_chunk_size(tmp_path):
+    out = tmp_path / "rows.json"
+    stdout = _run("bench_wkv.py", "--versions", "4", "7", "--lengths", "40", "--heads", "2",
+                  "--head-size", "16", "--repeats", "1", "--chunk-sizes", "16", "32", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["version"], row["chunk_size"]) for row in rows] == [(4, None), (7, 16), (7, 32)]
+    for row in rows:
+        assert row["oracle_fwdbwd_ms"] > 0 and row["parallel_fwdbwd_ms"] > 0
+        assert row["fwdbwd_speedup"] == pytest.approx(row["oracle_fwdbwd_ms"] / row["parallel_fwdbwd_ms"])
+    assert stdout.count("\n v7     40") == 2
+
+
+def test_bench_kernels_smoke_prints_every_form_with_small_errors():
+    stdout = _run("bench_kernels.py", "--smoke")
+    rows = [line.split("|") for line in stdout.splitlines() if line.startswith((" v7", " v6"))]
+    names = [(row[0].split()[0], " ".join(row[0].split()[4:])) for row in rows]
+    assert names == [("v7", "oracle"), ("v7", "parallel"), ("v7", "pallas L=16"),
+                     ("v6", "oracle"), ("v6", "parallel"), ("v6", "pallas")]
+    for row in rows:
+        assert float(row[-1]) <= 2e-2  # err y against the oracle, bf16 inputs
