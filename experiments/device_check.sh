@@ -4,8 +4,8 @@
 #   2. the XLA WKV forms on the accelerator at fp32 highest matmul precision;
 #   3. experiments/bench_kernels.py: one table, our kernels vs oracle, parallel form and fla;
 #   4. experiments/bench_wkv.py: parallel form vs oracle.
-# Optional wheels (fla-core / flash-linear-attention for the fla rows) travel in .whl/, see
-# /work/.library/device/README.md. After step 1 passes, add the platform to
+# Optional wheels (fla-core for the fla rows) travel in .whl/: run experiments/fetch_device_wheels.sh
+# here first and name .whl in the device tool's carry. After step 1 passes, add the platform to
 # rwkv_jax.config.PALLAS_VERIFIED_PLATFORMS so that wkv="auto" uses the kernels there.
 set -uo pipefail
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
