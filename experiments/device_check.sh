@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's checks, run through the device tool from the repository root (about 10 min):
 #   1. the compiled Pallas kernels on the accelerator against the oracles (tests that skip on CPU);
-#   2. the XLA WKV forms on the accelerator at fp32 highest matmul precision;
-#   3. experiments/bench_kernels.py: one table, our kernels vs oracle, parallel form and fla;
-#   4. experiments/bench_wkv.py: parallel form vs oracle.
+#   2. experiments/bench_kernels.py: one table, our kernels vs oracle, parallel form and fla;
+#   3. experiments/bench_wkv.py: parallel form vs oracle (v4-v7, chunks 32 and 64);
+#   4. the XLA WKV forms' tests on the accelerator at fp32 highest matmul precision.
 # Optional wheels (fla-core for the fla rows) travel in .whl/: run experiments/fetch_device_wheels.sh
 # here first and name .whl in the device tool's carry. After step 1 passes, add the platform to
 # rwkv_jax.config.PALLAS_VERIFIED_PLATFORMS so that wkv="auto" uses the kernels there.
