@@ -8,7 +8,8 @@ L is a multiple of 8. The forward stores each chunk's start state; the backward 
 in reverse through its index maps, recomputes each from its stored start state, and keeps the
 state cotangent in a second VMEM scratch and the bonus gradient in its resident output block.
 All matmuls request `Precision.HIGHEST` for fp32 inputs (fp32 on the MXU); for bf16 inputs
-only the log-decay sums do, the data matmuls take the default single bf16 pass.
+only the log-decay sums do, the data matmuls take Mosaic's default (`Precision.DEFAULT`), which
+interpret mode emulates as a single bf16 pass (`platform.kernel_dot`), the worst case.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ def sub_block(chunk_size: int) -> int:
     return 16 if chunk_size % 16 == 0 else 8
 
 
-def _ops(input_dtype) -> DiagOps:
+def _ops(input_dtype, interpret: bool) -> DiagOps:
     fp32 = jnp.dtype(input_dtype) == jnp.float32
     data = jax.lax.Precision.HIGHEST if fp32 else jax.lax.Precision.DEFAULT
-    return DiagOps(decay_sums=jax.lax.Precision.HIGHEST, data=data)
+    return DiagOps(decay_sums=jax.lax.Precision.HIGHEST, data=data, interpret=interpret)
 
 
 def _interpret_mode(interpret: bool):
@@ -117,7 +118,7 @@ def forward(r, logw, k, v, u, state, *, chunk_size: int, input_dtype, interpret:
     num_chunks = seq_len // chunk_size
     tokens, per_head, matrix, _, chunk_state = _specs(chunk_size, head_size, num_chunks, reverse=False)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, ops=_ops(input_dtype)),
+        functools.partial(_forward_kernel, ops=_ops(input_dtype, interpret)),
         grid=(batch, heads, num_chunks),
         in_specs=[tokens, tokens, tokens, tokens, per_head, matrix],
         out_specs=[tokens, matrix, chunk_state],
@@ -142,7 +143,7 @@ def backward(r, logw, k, v, u, chunk_states, d_y, d_final_state, *, chunk_size: 
     num_chunks = seq_len // chunk_size
     tokens, per_head, matrix, row, chunk_state = _specs(chunk_size, head_size, num_chunks, reverse=True)
     return pl.pallas_call(
-        functools.partial(_backward_kernel, ops=_ops(input_dtype)),
+        functools.partial(_backward_kernel, ops=_ops(input_dtype, interpret)),
         grid=(batch, heads, num_chunks),
         in_specs=[tokens, tokens, tokens, tokens, per_head, chunk_state, tokens, matrix],
         out_specs=[tokens, tokens, tokens, tokens, row, matrix],

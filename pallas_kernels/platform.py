@@ -57,15 +57,21 @@ def kernel_dot(x: jax.Array, y: jax.Array, x_axis: int, y_axis: int, precision: 
                interpret: bool) -> jax.Array:
     """2-D ``x · y`` contracting ``x_axis`` with ``y_axis``, fp32 result, at ``precision``.
 
-    In interpret mode (CPU, where the tensor-core algorithms do not exist) the device's numerics
-    are emulated: TF32 truncates both operands and multiplies in fp32, also in the dots of its
-    derivative (as the device's transposed dots do); TF32x3 runs as fp32 (``HIGHEST``). So the
-    CPU tests check the rounding the GPU kernels really do.
+    In interpret mode (CPU, where the matrix units' algorithms do not exist) the device's
+    numerics are emulated by rounding both operands as the hardware reads them and multiplying in
+    fp32, also in the dots of the derivative (the device differentiates a dot into dots of the
+    same precision): TF32 (GPU) truncates to 10 mantissa bits; ``Precision.DEFAULT`` (what the TPU
+    kernels request for bf16 inputs, Mosaic's default: a single bf16 pass on the MXU, the worst
+    case) rounds to bf16; TF32x3 and ``HIGHEST`` run as fp32. So the CPU tests check the
+    rounding the kernels really do.
     """
-    if interpret and isinstance(precision, jax.lax.DotAlgorithmPreset):
+    if interpret:
         if precision == TF32:
-            return _emulated_tf32_dot(x, y, x_axis, y_axis)
-        precision = jax.lax.Precision.HIGHEST
+            return _emulated_dot(x, y, x_axis, y_axis, "tf32")
+        if precision == jax.lax.Precision.DEFAULT:
+            return _emulated_dot(x, y, x_axis, y_axis, "bf16")
+        if isinstance(precision, jax.lax.DotAlgorithmPreset):
+            precision = jax.lax.Precision.HIGHEST
     return _dot_f32(x, y, x_axis, y_axis, precision)
 
 
@@ -74,24 +80,30 @@ def _dot_f32(x, y, x_axis: int, y_axis: int, precision: Any) -> jax.Array:
                                precision=precision, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _emulated_tf32_dot(x, y, x_axis: int, y_axis: int) -> jax.Array:
-    # custom_vjp: the truncation's own derivative is zero; the device differentiates a TF32
-    # dot into TF32 dots of the cotangent.
-    return _dot_f32(truncate_to_tf32(x), truncate_to_tf32(y), x_axis, y_axis,
+def _round_operand(x: jax.Array, rounding: str) -> jax.Array:
+    if rounding == "tf32":
+        return truncate_to_tf32(x)
+    return jax.lax.reduce_precision(x.astype(jnp.float32), exponent_bits=8, mantissa_bits=7)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _emulated_dot(x, y, x_axis: int, y_axis: int, rounding: str) -> jax.Array:
+    # custom_vjp: the truncation's own derivative is zero; the device differentiates a reduced-
+    # precision dot into reduced-precision dots of the cotangent.
+    return _dot_f32(_round_operand(x, rounding), _round_operand(y, rounding), x_axis, y_axis,
                     jax.lax.Precision.HIGHEST)
 
 
-def _emulated_tf32_dot_fwd(x, y, x_axis, y_axis):
-    return _emulated_tf32_dot(x, y, x_axis, y_axis), (x, y)
+def _emulated_dot_fwd(x, y, x_axis, y_axis, rounding):
+    return _emulated_dot(x, y, x_axis, y_axis, rounding), (x, y)
 
 
-def _emulated_tf32_dot_bwd(x_axis, y_axis, residuals, d_out):
+def _emulated_dot_bwd(x_axis, y_axis, rounding, residuals, d_out):
     x, y = residuals  # d_out [m, n]: m the free axis of x, n that of y
-    d_x = _emulated_tf32_dot(d_out, y, 1, 1 - y_axis)  # [m, k]
-    d_y = _emulated_tf32_dot(x, d_out, 1 - x_axis, 0)  # [k, n]
+    d_x = _emulated_dot(d_out, y, 1, 1 - y_axis, rounding)  # [m, k]
+    d_y = _emulated_dot(x, d_out, 1 - x_axis, 0, rounding)  # [k, n]
     return (d_x if x_axis == 1 else d_x.T).astype(x.dtype), \
         (d_y if y_axis == 0 else d_y.T).astype(y.dtype)
 
 
-_emulated_tf32_dot.defvjp(_emulated_tf32_dot_fwd, _emulated_tf32_dot_bwd)
+_emulated_dot.defvjp(_emulated_dot_fwd, _emulated_dot_bwd)

@@ -21,16 +21,21 @@ def test_truncate_to_tf32_keeps_ten_mantissa_bits_rounding_toward_zero():
     np.testing.assert_array_equal(truncate_to_tf32(x), [1.0 + 2.0**-10, 1.0, -1.0, 3.0])
 
 
+@pytest.mark.parametrize("precision", ["tf32", "tpu_default_bf16"])
 @pytest.mark.parametrize("x_axis, y_axis", [(1, 0), (1, 1), (0, 0), (0, 1)])
-def test_emulated_tf32_dot_and_its_gradients_truncate_every_operand(x_axis, y_axis):
+def test_emulated_dots_and_their_gradients_round_every_operand(x_axis, y_axis, precision):
     rng = np.random.default_rng(x_axis * 2 + y_axis)
     x = jnp.asarray(rng.standard_normal((6, 4) if x_axis == 1 else (4, 6)), jnp.float32)
     y = jnp.asarray(rng.standard_normal((4, 5) if y_axis == 0 else (5, 4)), jnp.float32)
     as_mk = lambda a: a if x_axis == 1 else a.T  # noqa: E731 - x as [m, k]
     as_kn = lambda b: b if y_axis == 0 else b.T  # noqa: E731 - y as [k, n]
-    t = lambda a: np.asarray(truncate_to_tf32(a), np.float64)  # noqa: E731
+    if precision == "tf32":  # the GPU's TF32: truncated to 10 mantissa bits
+        setting, t = TF32, lambda a: np.asarray(truncate_to_tf32(a), np.float64)  # noqa: E731
+    else:  # the TPU's default for fp32 operands, one bf16 pass: rounded to nearest bf16
+        setting = jax.lax.Precision.DEFAULT
+        t = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)  # noqa: E731
 
-    out, pullback = jax.vjp(lambda a, b: kernel_dot(a, b, x_axis, y_axis, TF32, interpret=True), x, y)
+    out, pullback = jax.vjp(lambda a, b: kernel_dot(a, b, x_axis, y_axis, setting, interpret=True), x, y)
     np.testing.assert_allclose(out, t(as_mk(x)) @ t(as_kn(y)), rtol=1e-6, atol=1e-6)
     d_out = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
     d_x, d_y = pullback(d_out)
