@@ -92,8 +92,8 @@ def export_for_cuda(fn, *args) -> None:
 
 
 def forward_and_gradient(fn, num_args: int):
-    """``fn`` and the gradient of a scalar of all its outputs with respect to its ``num_args``
-    inputs: exporting both lowers every forward and backward kernel."""
+    """The gradient of a scalar of all of ``fn``'s outputs with respect to its first ``num_args``
+    inputs: exporting it lowers every forward kernel (the custom VJP's forward) and backward one."""
 
     def loss(*args):
         return sum(jnp.sum(x) for x in jax.tree.leaves(fn(*args)))
