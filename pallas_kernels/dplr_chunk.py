@@ -64,10 +64,13 @@ class ChunkOps:
     sums: Any = jax.lax.Precision.HIGHEST
     interpret: bool = False
 
-    def _dot(self, x: jax.Array, y: jax.Array, x_axis: int, y_axis: int,
-             precision: Any = None) -> jax.Array:
-        precision = self.precision if precision is None else precision
-        return kernel_dot(x, y, x_axis, y_axis, precision, interpret=self.interpret)
+    def _dot(self, x: jax.Array, y: jax.Array, x_axis: int, y_axis: int) -> jax.Array:
+        return kernel_dot(x, y, x_axis, y_axis, self.precision, interpret=self.interpret)
+
+    def _sum_rows(self, mask: jax.Array, x: jax.Array, mask_axis: int) -> jax.Array:
+        """Sums of the rows of ``x`` selected by a 0/1 ``mask`` (contracted over ``mask_axis``),
+        at the cumulative sums' precision."""
+        return kernel_dot(mask.astype(_F32), x, mask_axis, 0, self.sums, interpret=self.interpret)
 
     def mm(self, x: jax.Array, y: jax.Array) -> jax.Array:
         """``x @ y``."""
@@ -85,11 +88,11 @@ class ChunkOps:
         """Inclusive cumulative sum over rows of ``[L, N]``."""
         if self.native_cumsum:
             return jnp.cumsum(x, axis=0)
-        return self._dot(_lower_mask(x.shape[0], strict=False).astype(_F32), x, 1, 0, self.sums)
+        return self._sum_rows(_lower_mask(x.shape[0], strict=False), x, 1)
 
     def reverse_cumsum(self, x: jax.Array) -> jax.Array:
         """``out[s] = Σ_{t≥s} x[t]`` over rows of ``[L, N]`` (Triton has no reverse scan)."""
-        return self._dot(_lower_mask(x.shape[0], strict=False).astype(_F32), x, 0, 0, self.sums)
+        return self._sum_rows(_lower_mask(x.shape[0], strict=False), x, 0)
 
 
 def _lower_mask(length: int, *, strict: bool) -> jax.Array:
