@@ -50,10 +50,10 @@ def pallas(platform, chunk_size):
     return functools.partial(wkv7_pallas, platform=platform, chunk_size=chunk_size, interpret=True)
 
 
-def assert_matches_oracle(platform, chunk_size, inputs, *, tolerance, reference_inputs=None):
-    """y, final state and all seven gradients of the kernel against the oracle's."""
+def assert_matches_oracle(kernel, inputs, *, tolerance, reference_inputs=None):
+    """y, final state and all seven gradients of ``kernel`` against the oracle's."""
     reference_inputs = inputs if reference_inputs is None else reference_inputs
-    y, final_state, grads = outputs_and_grads(pallas(platform, chunk_size), inputs)
+    y, final_state, grads = outputs_and_grads(kernel, inputs)
     y_ref, state_ref, grads_ref = outputs_and_grads(wkv7_oracle, reference_inputs)
     assert y.shape == y_ref.shape and y.dtype == jnp.float32
     assert final_state.shape == state_ref.shape and final_state.dtype == jnp.float32
@@ -101,7 +101,7 @@ def test_unit_lower_inverse_matches_float64_solve(length, block):
 )
 def test_values_and_gradients_match_oracle(platform, shape, chunk_size, options):
     inputs = make_inputs(11, *shape, **options)
-    y, final_state = assert_matches_oracle(platform, chunk_size, inputs, tolerance=1e-4)
+    y, final_state = assert_matches_oracle(pallas(platform, chunk_size), inputs, tolerance=1e-4)
     # The outputs also hold against the float64 truth, not only against the fp32 oracle.
     y_truth, state_truth = numpy_reference(*inputs)
     assert rel_err(y, y_truth) <= 1e-5
@@ -114,7 +114,7 @@ def test_bf16_inputs(platform):
     inputs_bf16 = [jnp.asarray(x, jnp.bfloat16) for x in inputs[:-1]] + [inputs[-1]]
     # The oracle sees exactly the bf16-rounded values, upcast; gradients come back in bf16.
     rounded = [jnp.asarray(x, jnp.float32) for x in inputs_bf16]
-    assert_matches_oracle(platform, 16, inputs_bf16, tolerance=2e-2, reference_inputs=rounded)
+    assert_matches_oracle(pallas(platform, 16), inputs_bf16, tolerance=2e-2, reference_inputs=rounded)
 
 
 @pytest.mark.parametrize(
@@ -131,7 +131,7 @@ def test_bf16_inputs_with_tf32_dots_hold_in_the_hard_cases(shape, chunk_size, op
     inputs = make_inputs(16, *shape, **options)
     inputs_bf16 = [jnp.asarray(x, jnp.bfloat16) for x in inputs[:-1]] + [inputs[-1]]
     rounded = [jnp.asarray(x, jnp.float32) for x in inputs_bf16]
-    y, final_state = assert_matches_oracle("gpu", chunk_size, inputs_bf16, tolerance=2e-2,
+    y, final_state = assert_matches_oracle(pallas("gpu", chunk_size), inputs_bf16, tolerance=2e-2,
                                            reference_inputs=rounded)
     y_ref, _ = jax.jit(wkv7_oracle)(*rounded)
     assert rel_err(y, y_ref) > 1e-5  # TF32 rounding is visible: the emulation is on
@@ -140,7 +140,7 @@ def test_bf16_inputs_with_tf32_dots_hold_in_the_hard_cases(shape, chunk_size, op
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_sequence_shorter_than_chunk(platform):
     inputs = make_inputs(13, 1, 5, 1, 32)
-    assert_matches_oracle(platform, 16, inputs, tolerance=1e-4)
+    assert_matches_oracle(pallas(platform, 16), inputs, tolerance=1e-4)
 
 
 def test_padding_leaves_final_state_exact_and_split_calls_compose():
@@ -192,13 +192,7 @@ def test_compiled_kernel_on_device_with_bf16_inputs(options):
     inputs = make_inputs(20, 2, 300, 3, 64, **options)
     inputs_bf16 = [jnp.asarray(x, jnp.bfloat16) for x in inputs[:-1]] + [inputs[-1]]
     rounded = [jnp.asarray(x, jnp.float32) for x in inputs_bf16]
-    y, final_state, grads = outputs_and_grads(wkv7_pallas, inputs_bf16)
-    y_ref, state_ref, grads_ref = outputs_and_grads(wkv7_oracle, rounded)
-    assert rel_err(y, y_ref) <= 2e-2
-    assert rel_err(final_state, state_ref) <= 2e-2
-    for name, grad, grad_ref in zip(ARG_NAMES, grads, grads_ref):
-        assert grad.dtype == jnp.bfloat16 or name == "state", name
-        assert rel_err(grad, grad_ref) <= 2e-2, name
+    assert_matches_oracle(wkv7_pallas, inputs_bf16, tolerance=2e-2, reference_inputs=rounded)
 
 
 # ---------------------------------------------------------------------------------------------
