@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import dplr_gpu, dplr_tpu
-from pallas_kernels.platform import PLATFORMS, resolve_platform
+from pallas_kernels.platform import PLATFORMS, TF32_X3, gpu_data_precision, resolve_platform
 
-DEFAULT_CHUNK_SIZE = {"gpu": 32, "tpu": 64}
 SUPPORTED_HEAD_SIZES = (32, 64)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _SUBSTITUTION_BLOCK = 16
@@ -37,6 +36,18 @@ def supports(head_size: int, dtype, platform: str) -> bool:
         and jnp.dtype(dtype) in SUPPORTED_DTYPES
         and platform in PLATFORMS
     )
+
+
+def default_chunk_size(platform: str, *inputs: jax.Array) -> int:
+    """Tokens per chunk when none is given: 64 on TPU; on GPU 32, or 16 when every input is fp32.
+
+    fp32 inputs make every data matmul three TF32 passes (``platform.gpu_data_precision``), and
+    at 32 tokens the gradient kernel's live tiles no longer fit in registers: ptxas (sm_90, 8
+    warps) gives it 36 KB of spill loads per thread, 3 KB at 16 tokens (experiments/RESULTS.md).
+    """
+    if platform == "tpu":
+        return 64
+    return 16 if gpu_data_precision(*inputs) == TF32_X3 else 32
 
 
 def _check_chunk_size(chunk_size: int, platform: str) -> None:
@@ -124,8 +135,8 @@ def wkv7_pallas(
       r, logw, k, v, a, b: ``[B, T, H, N]`` bf16 or fp32 (any T; padded internally with tokens
         that leave the state unchanged); logw ≥ -0.6066.
       state: ``[B, H, N, N]`` initial state, ``[value, key]``.
-      chunk_size: tokens per chunk; default 32 on GPU, 64 on TPU. GPU: 16, 32 or 64; TPU: a
-        multiple of 8 up to 64.
+      chunk_size: tokens per chunk; default ``default_chunk_size`` (GPU 32, 16 for fp32 inputs;
+        TPU 64). GPU: 16, 32 or 64; TPU: a multiple of 8 up to 64.
       platform: "gpu" (Triton), "tpu" (Mosaic) or None (from ``jax.default_backend()``; on CPU
         with ``interpret=True`` the GPU variant, without it a ValueError).
       interpret: run the chosen variant in Pallas interpret mode (works on CPU).
@@ -137,10 +148,11 @@ def wkv7_pallas(
       ``(y, final_state)``: y ``[B, T, H, N]`` fp32, final_state ``[B, H, N, N]`` fp32.
     """
     platform = resolve_platform(platform, interpret)
-    chunk_size = DEFAULT_CHUNK_SIZE[platform] if chunk_size is None else chunk_size
+    inputs = (r, logw, k, v, a, b, state)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(platform, *inputs[:-1])
     _check_chunk_size(chunk_size, platform)
     if r.shape[1] == 0:
         return jnp.zeros(r.shape, jnp.float32), state.astype(jnp.float32)
-    inputs = (r, logw, k, v, a, b, state)
     dtypes = tuple(jnp.dtype(x.dtype).name for x in inputs)
     return _wkv7_with_vjp(platform, chunk_size, interpret, dtypes)(*inputs)

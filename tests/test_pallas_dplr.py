@@ -18,7 +18,7 @@ import pytest
 
 from helpers import rel_err
 from test_wkv_dplr import ARG_NAMES, make_inputs, numpy_reference
-from pallas_kernels.dplr import supports, wkv7_pallas
+from pallas_kernels.dplr import default_chunk_size, supports, wkv7_pallas
 from pallas_kernels.dplr_chunk import ChunkOps, unit_lower_inverse
 from pallas_kernels.platform import backend_platform
 from rwkv_jax.wkv.dplr import wkv7_oracle
@@ -205,6 +205,15 @@ def test_cpu_without_interpret_raises():
     inputs = make_inputs(16, 1, 4, 1, 32)
     with pytest.raises(ValueError, match="interpret=True"):
         wkv7_pallas(*inputs)
+
+
+def test_default_chunk_is_16_tokens_only_for_all_fp32_inputs_on_gpu():
+    # fp32 inputs take three TF32 passes per matmul; 32-token chunks then spill (see the function).
+    fp32 = [jnp.zeros((1, 4, 1, 32), jnp.float32)] * 6
+    one_bf16 = [fp32[0].astype(jnp.bfloat16)] + fp32[1:]
+    assert default_chunk_size("gpu", *fp32) == 16
+    assert default_chunk_size("gpu", *one_bf16) == 32
+    assert default_chunk_size("tpu", *fp32) == default_chunk_size("tpu", *one_bf16) == 64
 
 
 @pytest.mark.parametrize("platform, chunk_size", [("gpu", 24), ("gpu", 128), ("tpu", 12), ("tpu", 128)])
