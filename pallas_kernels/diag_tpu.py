@@ -54,7 +54,8 @@ def _store_tiles(ref, tiles):
 
 
 def _forward_kernel(r_ref, logw_ref, k_ref, v_ref, u_ref, state_ref,
-                    y_ref, final_state_ref, chunk_state_ref, state_scratch, *, ops: DiagOps):
+                    y_ref, final_state_ref, chunk_state_ref, state_scratch, *, ops: DiagOps,
+                    num_chunks: int):
     chunk = pl.program_id(2)
 
     @pl.when(chunk == 0)
@@ -67,14 +68,14 @@ def _forward_kernel(r_ref, logw_ref, k_ref, v_ref, u_ref, state_ref,
     _store_tiles(y_ref, y)
     state_scratch[...] = state
 
-    @pl.when(chunk == pl.num_programs(2) - 1)
+    @pl.when(chunk == num_chunks - 1)
     def _store_final_state():
         final_state_ref[...] = state
 
 
 def _backward_kernel(r_ref, logw_ref, k_ref, v_ref, u_ref, chunk_state_ref, d_y_ref, d_final_ref,
                      d_r_ref, d_logw_ref, d_k_ref, d_v_ref, d_u_ref, d_state_ref,
-                     d_state_scratch, *, ops: DiagOps):
+                     d_state_scratch, *, ops: DiagOps, num_chunks: int):
     step = pl.program_id(2)  # chunks are visited last to first
 
     @pl.when(step == 0)
@@ -90,7 +91,7 @@ def _backward_kernel(r_ref, logw_ref, k_ref, v_ref, u_ref, chunk_state_ref, d_y_
     d_u_ref[...] += d_u
     d_state_scratch[...] = d_state
 
-    @pl.when(step == pl.num_programs(2) - 1)
+    @pl.when(step == num_chunks - 1)
     def _store_initial_cotangent():
         d_state_ref[...] = d_state
 
@@ -118,7 +119,7 @@ def forward(r, logw, k, v, u, state, *, chunk_size: int, input_dtype, interpret:
     num_chunks = seq_len // chunk_size
     tokens, per_head, matrix, _, chunk_state = _specs(chunk_size, head_size, num_chunks, reverse=False)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, ops=_ops(input_dtype, interpret)),
+        functools.partial(_forward_kernel, ops=_ops(input_dtype, interpret), num_chunks=num_chunks),
         grid=(batch, heads, num_chunks),
         in_specs=[tokens, tokens, tokens, tokens, per_head, matrix],
         out_specs=[tokens, matrix, chunk_state],
@@ -143,7 +144,7 @@ def backward(r, logw, k, v, u, chunk_states, d_y, d_final_state, *, chunk_size: 
     num_chunks = seq_len // chunk_size
     tokens, per_head, matrix, row, chunk_state = _specs(chunk_size, head_size, num_chunks, reverse=True)
     return pl.pallas_call(
-        functools.partial(_backward_kernel, ops=_ops(input_dtype, interpret)),
+        functools.partial(_backward_kernel, ops=_ops(input_dtype, interpret), num_chunks=num_chunks),
         grid=(batch, heads, num_chunks),
         in_specs=[tokens, tokens, tokens, tokens, per_head, chunk_state, tokens, matrix],
         out_specs=[tokens, tokens, tokens, tokens, row, matrix],

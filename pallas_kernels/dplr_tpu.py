@@ -64,7 +64,7 @@ def _summary_kernel(r_ref, logw_ref, k_ref, v_ref, a_ref, b_ref, *out_refs, bloc
     solve_ref[...] = solve
 
 
-def _states_kernel(logw_ref, k_ref, v_ref, b_ref, *refs):
+def _states_kernel(logw_ref, k_ref, v_ref, b_ref, *refs, num_chunks: int):
     *summary_refs, state_ref, y_ref, final_state_ref, chunk_state_ref, state_scratch = refs
     chunk = pl.program_id(2)
 
@@ -81,13 +81,13 @@ def _states_kernel(logw_ref, k_ref, v_ref, b_ref, *refs):
     y_ref[...] = y
     state_scratch[...] = end_state
 
-    @pl.when(chunk == pl.num_programs(2) - 1)
+    @pl.when(chunk == num_chunks - 1)
     def _store_final_state():
         final_state_ref[...] = end_state
 
 
 def _cotangents_kernel(logw_ref, b_ref, a_solved_ref, r_read_ref, d_y_ref, d_final_ref,
-                       d_state_ref, d_chunk_end_ref, d_state_scratch):
+                       d_state_ref, d_chunk_end_ref, d_state_scratch, *, num_chunks: int):
     step = pl.program_id(2)
 
     @pl.when(step == 0)
@@ -101,7 +101,7 @@ def _cotangents_kernel(logw_ref, b_ref, a_solved_ref, r_read_ref, d_y_ref, d_fin
     )
     d_state_scratch[...] = d_start
 
-    @pl.when(step == pl.num_programs(2) - 1)
+    @pl.when(step == num_chunks - 1)
     def _store_initial_cotangent():
         d_state_ref[...] = d_start
 
@@ -139,7 +139,7 @@ def forward(r, logw, k, v, a, b, state, *, chunk_size: int, block: int, interpre
         name="wkv7_chunk_summary",
     )(r, logw, k, v, a, b)
     y, final_state, chunk_states = pl.pallas_call(
-        _states_kernel,
+        functools.partial(_states_kernel, num_chunks=num_chunks),
         grid=grid,
         in_specs=[tokens] * 8 + [state_spec],
         out_specs=(tokens, state_spec, per_chunk_state),
@@ -167,7 +167,7 @@ def backward(r, logw, k, v, a, b, residuals, d_y, d_final_state, *,
     chunk_states, solves, a_solved, r_read = residuals
     tokens_rev, state_spec, per_chunk_rev, _ = _specs(chunk_size, dim, num_chunks, reverse=True)
     d_state, d_chunk_ends = pl.pallas_call(
-        _cotangents_kernel,
+        functools.partial(_cotangents_kernel, num_chunks=num_chunks),
         grid=grid,
         in_specs=[tokens_rev] * 5 + [state_spec],
         out_specs=(state_spec, per_chunk_rev),

@@ -47,7 +47,7 @@ def _store_rows(ref, rows):
 
 def _forward_kernel(k_ref, v_ref, log_decay_ref, u_ref, aa_ref, bb_ref, pp_ref,
                     y_ref, aa_out, bb_out, pp_out, aa_chunk, bb_chunk, pp_chunk,
-                    aa_scratch, bb_scratch, pp_scratch, *, seq_len: int):
+                    aa_scratch, bb_scratch, pp_scratch, *, seq_len: int, num_chunks: int):
     chunk = pl.program_id(2)
     scratch = (aa_scratch, bb_scratch, pp_scratch)
 
@@ -66,7 +66,7 @@ def _forward_kernel(k_ref, v_ref, log_decay_ref, u_ref, aa_ref, bb_ref, pp_ref,
     for ref, value in zip(scratch, state):
         ref[...] = value
 
-    @pl.when(chunk == pl.num_programs(2) - 1)
+    @pl.when(chunk == num_chunks - 1)
     def _store_final_state():
         for ref, value in zip((aa_out, bb_out, pp_out), state):
             ref[...] = value
@@ -75,9 +75,9 @@ def _forward_kernel(k_ref, v_ref, log_decay_ref, u_ref, aa_ref, bb_ref, pp_ref,
 def _backward_kernel(k_ref, v_ref, log_decay_ref, u_ref, aa_chunk, bb_chunk, pp_chunk, d_y_ref,
                      d_aa_ref, d_bb_ref, d_pp_ref,
                      d_k_ref, d_v_ref, d_log_decay_ref, d_u_ref, d_aa_out, d_bb_out, d_pp_out,
-                     d_aa_scratch, d_bb_scratch, d_pp_scratch, *, seq_len: int):
+                     d_aa_scratch, d_bb_scratch, d_pp_scratch, *, seq_len: int, num_chunks: int):
     step = pl.program_id(2)  # chunks are visited last to first
-    chunk = pl.num_programs(2) - 1 - step
+    chunk = num_chunks - 1 - step
     scratch = (d_aa_scratch, d_bb_scratch, d_pp_scratch)
 
     @pl.when(step == 0)
@@ -99,7 +99,7 @@ def _backward_kernel(k_ref, v_ref, log_decay_ref, u_ref, aa_chunk, bb_chunk, pp_
     for ref, value in zip(scratch, d_state):
         ref[...] = value
 
-    @pl.when(step == pl.num_programs(2) - 1)
+    @pl.when(step == num_chunks - 1)
     def _store_initial_cotangent():
         for ref, value in zip((d_aa_out, d_bb_out, d_pp_out), d_state):
             ref[...] = value
@@ -127,7 +127,7 @@ def forward(k, v, log_decay, u, aa, bb, pp, *, chunk_size: int, seq_len: int, in
     tokens, parameter, per_batch, chunk_state = _specs(chunk_size, block, num_chunks, reverse=False)
     states = jax.ShapeDtypeStruct((batch, num_chunks, 1, channels), _F32)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, seq_len=seq_len),
+        functools.partial(_forward_kernel, seq_len=seq_len, num_chunks=num_chunks),
         grid=(batch, channels // block, num_chunks),
         in_specs=[tokens, tokens, parameter, parameter, per_batch, per_batch, per_batch],
         out_specs=[tokens, per_batch, per_batch, per_batch, chunk_state, chunk_state, chunk_state],
@@ -151,7 +151,7 @@ def backward(k, v, log_decay, u, aa_chunks, bb_chunks, pp_chunks, d_y, d_aa, d_b
     tokens, parameter, per_batch, chunk_state = _specs(chunk_size, block, num_chunks, reverse=True)
     row = jax.ShapeDtypeStruct(d_aa.shape, _F32)
     return pl.pallas_call(
-        functools.partial(_backward_kernel, seq_len=seq_len),
+        functools.partial(_backward_kernel, seq_len=seq_len, num_chunks=num_chunks),
         grid=(batch, channels // block, num_chunks),
         in_specs=[tokens, tokens, parameter, parameter, chunk_state, chunk_state, chunk_state,
                   tokens, per_batch, per_batch, per_batch],

@@ -143,6 +143,18 @@ def test_sequence_shorter_than_chunk(platform):
     assert_matches_oracle(pallas(platform, 16), inputs, tolerance=1e-4)
 
 
+def test_calls_with_different_chunk_counts_in_turn_each_store_their_final_state():
+    # jax 0.11.0-0.11.2 reuse a kernel's traced jaxpr across pallas_calls that differ only in the
+    # grid (jax-ml/jax#40847), so a kernel that asked pl.num_programs() for the last chunk saw the
+    # previous call's count and never stored the final state (NaN in TPU interpret mode).
+    for seq_len in (37, 24, 70):  # 3, 2 and 5 chunks of 16
+        inputs = make_inputs(17, 1, seq_len, 2, 32)
+        y, final_state = pallas("tpu", 16)(*inputs)
+        y_ref, state_ref = wkv7_oracle(*inputs)
+        assert rel_err(final_state, state_ref) <= 1e-4, seq_len
+        assert rel_err(y, y_ref) <= 1e-4, seq_len
+
+
 def test_padding_leaves_final_state_exact_and_split_calls_compose():
     # T = 17 pads 15 identity tokens; carrying the state across two calls equals one call.
     inputs = make_inputs(14, 1, 33, 2, 32)
