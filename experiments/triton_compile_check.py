@@ -13,8 +13,7 @@ spills, which slow a kernel down). A compile error here is one the device would 
     python experiments/triton_compile_check.py --dtype float32 --versions 7
 
 Caveats: the device compiles with the Triton build inside XLA and the ptxas of its CUDA, which
-can allocate registers differently; the numbers are a strong hint, not the device's own. Works
-with jax 0.10 (the Triton module is embedded in the exported custom call there).
+can allocate registers differently; the numbers are a strong hint, not the device's own.
 """
 
 from __future__ import annotations
@@ -37,9 +36,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from pallas_kernels.diag import wkv6_pallas  # noqa: E402
 from pallas_kernels.dplr import wkv7_pallas  # noqa: E402
+from pallas_kernels.platform import TRITON_CUSTOM_CALL, export_ahead_of_time  # noqa: E402
 from pallas_kernels.vector import wkv4_pallas  # noqa: E402
-
-_TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
 @dataclasses.dataclass
@@ -66,7 +64,7 @@ def capture_triton_modules():
         return result
 
     def custom_call_and_keep(call_target_name, *args, backend_config=None, **kwargs):
-        if call_target_name == _TRITON_CALL:
+        if call_target_name == TRITON_CUSTOM_CALL:
             number = lambda key: int(str(backend_config[key]).split()[0])  # noqa: E731 - "8 : i32"
             modules.append(TritonModule(
                 str(backend_config["name"]).strip('"'), pending.pop(), number("num_warps"),
@@ -81,14 +79,8 @@ def capture_triton_modules():
         registration.lowering.lower_jaxpr_to_triton_module = lower
         registration.mlir.custom_call = custom_call
     if pending:
-        raise RuntimeError(
-            f"{len(pending)} Triton module(s) were lowered but not embedded as {_TRITON_CALL}: this "
-            f"jax ({jax.__version__}) compiles them at lowering time; run the check with jax 0.10")
-
-
-def export_for_cuda(fn, *args) -> None:
-    jax.export.export(jax.jit(fn), platforms=["cuda"],
-                      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)])(*args)
+        raise RuntimeError(f"{len(pending)} Triton module(s) were lowered but not embedded as "
+                           f"{TRITON_CUSTOM_CALL} (jax {jax.__version__})")
 
 
 def forward_and_gradient(fn, num_args: int):
@@ -105,23 +97,21 @@ def kernel_modules(version: int, batch: int, seq_len: int, heads: int, dim: int,
     """The Triton modules of one version's forward and backward kernels at one shape."""
     tokens = jax.ShapeDtypeStruct((batch, seq_len, heads, dim), dtype)
     state = jax.ShapeDtypeStruct((batch, heads, dim, dim), jnp.float32)
+    if version == 7:
+        kernel, args = functools.partial(wkv7_pallas, platform="gpu"), (*[tokens] * 6, state)
+    elif version == 6:
+        bonus = jax.ShapeDtypeStruct((heads, dim), jnp.float32)
+        kernel, args = functools.partial(wkv6_pallas, platform="gpu"), (*[tokens] * 4, bonus, state)
+    elif version == 4:
+        channels = heads * dim
+        key = jax.ShapeDtypeStruct((batch, seq_len, channels), dtype)
+        vector = jax.ShapeDtypeStruct((channels,), jnp.float32)
+        vector_state = tuple(jax.ShapeDtypeStruct((batch, channels), jnp.float32) for _ in range(3))
+        kernel, args = functools.partial(wkv4_pallas, platform="gpu"), (key, key, vector, vector, vector_state)
+    else:
+        raise ValueError(f"no Pallas kernel for version {version}")
     with capture_triton_modules() as modules:
-        if version == 7:
-            export_for_cuda(forward_and_gradient(functools.partial(wkv7_pallas, platform="gpu"), 7),
-                            *[tokens] * 6, state)
-        elif version == 6:
-            bonus = jax.ShapeDtypeStruct((heads, dim), jnp.float32)
-            export_for_cuda(forward_and_gradient(functools.partial(wkv6_pallas, platform="gpu"), 6),
-                            *[tokens] * 4, bonus, state)
-        elif version == 4:
-            channels = heads * dim
-            key = jax.ShapeDtypeStruct((batch, seq_len, channels), dtype)
-            vector = jax.ShapeDtypeStruct((channels,), jnp.float32)
-            vector_state = tuple(jax.ShapeDtypeStruct((batch, channels), jnp.float32) for _ in range(3))
-            export_for_cuda(forward_and_gradient(functools.partial(wkv4_pallas, platform="gpu"), 5),
-                            key, key, vector, vector, vector_state)
-        else:
-            raise ValueError(f"no Pallas kernel for version {version}")
+        export_ahead_of_time(forward_and_gradient(kernel, len(args)), "gpu", *args)
     return modules
 
 

@@ -14,6 +14,10 @@ TF32 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32
 TF32_X3 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 PLATFORMS = ("gpu", "tpu")
+# XLA's custom call for a Pallas Triton kernel (its IR travels in the call's backend config).
+TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
+# The GPU that ahead-of-time GPU lowering targets (H100, sm_90).
+AOT_GPU_KIND = "NVIDIA H100 80GB HBM3"
 
 
 def backend_platform() -> str | None:
@@ -35,6 +39,26 @@ def resolve_platform(platform: str | None, interpret: bool) -> str:
     if platform not in PLATFORMS:
         raise ValueError(f"platform must be one of {PLATFORMS} or None, got {platform!r}")
     return platform
+
+
+def export_ahead_of_time(fn, platform: str, *args) -> jax.export.Exported:
+    """``jax.export`` of ``jax.jit(fn)`` at ``args`` (arrays or ShapeDtypeStructs) for "gpu"
+    (CUDA) or "tpu", on any machine: proof that every kernel inside lowers for that device.
+
+    jax ≥ 0.11 asks the device for its compute capability while lowering a Triton kernel, so
+    the GPU export runs under an abstract mesh that names an H100. The Triton custom call has no
+    export compatibility guarantee; it is allowed here because it is what the kernels ship.
+    """
+    if platform == "tpu":
+        return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+    if platform != "gpu":
+        raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+    device = jax.sharding.AbstractDevice(device_kind=AOT_GPU_KIND, num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        return jax.export.export(
+            jax.jit(fn), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)],
+        )(*args)
 
 
 def gpu_data_precision(*inputs: jax.Array) -> Any:

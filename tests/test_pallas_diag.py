@@ -17,7 +17,7 @@ import pytest
 
 from helpers import rel_err
 from pallas_kernels.diag import resolve_platform, supports, wkv6_pallas
-from pallas_kernels.platform import backend_platform
+from pallas_kernels.platform import TRITON_CUSTOM_CALL, backend_platform, export_ahead_of_time
 from rwkv_jax.wkv.diag import wkv6_oracle
 from test_wkv_diag import make_inputs, reference_wkv
 
@@ -122,13 +122,6 @@ def test_split_sequence_carries_state(platform):
     assert rel_err(state_end, state_full) <= 1e-5
 
 
-def _export(fn, platform, *args):
-    if platform == "gpu":
-        checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-        return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
-    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
-
-
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_lowers_ahead_of_time(platform, dtype):
@@ -145,9 +138,9 @@ def test_lowers_ahead_of_time(platform, dtype):
         y, final_state = wkv(*inputs)
         return jnp.sum(y) + jnp.sum(final_state)
 
-    kernel_call = "__gpu$xla.gpu.triton" if platform == "gpu" else "tpu_custom_call"
-    forward = _export(wkv, platform, *args)
-    gradient = _export(jax.grad(loss, argnums=tuple(range(6))), platform, *args)
+    kernel_call = TRITON_CUSTOM_CALL if platform == "gpu" else "tpu_custom_call"
+    forward = export_ahead_of_time(wkv, platform, *args)
+    gradient = export_ahead_of_time(jax.grad(loss, argnums=tuple(range(6))), platform, *args)
     assert forward.mlir_module().count(kernel_call) >= 1
     assert gradient.mlir_module().count(kernel_call) >= 2  # the forward and the backward kernel
 

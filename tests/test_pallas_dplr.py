@@ -20,7 +20,7 @@ from helpers import rel_err
 from test_wkv_dplr import ARG_NAMES, make_inputs, numpy_reference
 from pallas_kernels.dplr import default_chunk_size, supports, wkv7_pallas
 from pallas_kernels.dplr_chunk import ChunkOps, unit_lower_inverse
-from pallas_kernels.platform import backend_platform
+from pallas_kernels.platform import TRITON_CUSTOM_CALL, backend_platform, export_ahead_of_time
 from rwkv_jax.wkv.dplr import wkv7_oracle
 
 PLATFORMS = ("gpu", "tpu")
@@ -254,17 +254,6 @@ def test_supports_exactly_the_tested_configurations():
 # Ahead-of-time lowering for the real devices (no device needed).
 
 
-def _export(fn, platform, *args):
-    if platform == "tpu":
-        return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
-    return jax.export.export(
-        jax.jit(fn),
-        platforms=["cuda"],
-        # The Triton custom call carries no compatibility guarantee; it is what we ship.
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*args)
-
-
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_exports_forward_and_gradient_for_device(platform):
     batch, seq_len, heads, dim = 2, 100, 3, 64
@@ -276,9 +265,9 @@ def test_exports_forward_and_gradient_for_device(platform):
         y, final_state = forward(*args)
         return jnp.sum(y) + jnp.sum(final_state)
 
-    kernel_call = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
-    forward_module = _export(forward, platform, *[tokens] * 6, state).mlir_module()
-    grad_module = _export(jax.grad(loss, argnums=tuple(range(7))), platform,
+    kernel_call = "tpu_custom_call" if platform == "tpu" else TRITON_CUSTOM_CALL
+    forward_module = export_ahead_of_time(forward, platform, *[tokens] * 6, state).mlir_module()
+    grad_module = export_ahead_of_time(jax.grad(loss, argnums=tuple(range(7))), platform,
                           *[tokens] * 6, state).mlir_module()
     assert forward_module.count(kernel_call) >= 2  # chunk summaries, then the state pass
     assert grad_module.count(kernel_call) >= 4  # and the cotangent pass, then the gradients

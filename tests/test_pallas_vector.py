@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from helpers import rel_err
-from pallas_kernels.platform import backend_platform
+from pallas_kernels.platform import TRITON_CUSTOM_CALL, backend_platform, export_ahead_of_time
 from pallas_kernels.vector import supports, wkv4_pallas
 from rwkv_jax.wkv.vector import wkv4_oracle
 from test_wkv_vector import assert_states_close, make_inputs, reference_wkv4
@@ -118,13 +118,6 @@ def test_bf16_inputs_match_oracle(platform):
     assert_matches_oracle(pallas(platform, 8), inputs, tolerance=2e-2)
 
 
-def _export(fn, platform, *args):
-    if platform == "gpu":
-        checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-        return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
-    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
-
-
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_lowers_ahead_of_time(platform, dtype):
@@ -140,9 +133,9 @@ def test_lowers_ahead_of_time(platform, dtype):
         y, final_state = wkv(*inputs)
         return jnp.sum(y) + sum(jnp.sum(s) for s in final_state)
 
-    kernel_call = "__gpu$xla.gpu.triton" if platform == "gpu" else "tpu_custom_call"
-    forward = _export(wkv, platform, *args)
-    gradient = _export(jax.grad(loss, argnums=tuple(range(5))), platform, *args)
+    kernel_call = TRITON_CUSTOM_CALL if platform == "gpu" else "tpu_custom_call"
+    forward = export_ahead_of_time(wkv, platform, *args)
+    gradient = export_ahead_of_time(jax.grad(loss, argnums=tuple(range(5))), platform, *args)
     assert forward.mlir_module().count(kernel_call) >= 1
     assert gradient.mlir_module().count(kernel_call) >= 2  # the forward and the backward kernel
 
