@@ -91,8 +91,17 @@ def linear_gain(rows: int, cols: int) -> float:
 
 
 def orthogonal(gain: float) -> Initializer:
-    """Official `nn.init.orthogonal_(w, gain)`; gain 0 gives zeros (the official "zero init")."""
-    return nn.initializers.zeros if gain == 0 else nn.initializers.orthogonal(scale=gain)
+    """Official `nn.init.orthogonal_(w, gain)`; gain 0 gives zeros (the official "zero init").
+
+    The QR runs in fp32 whatever the parameter dtype (jax ≥ 0.11 has no bf16 QR), then rounds.
+    """
+    if gain == 0:
+        return nn.initializers.zeros
+    fp32_orthogonal = nn.initializers.orthogonal(scale=gain)
+
+    def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+        return fp32_orthogonal(key, shape, jnp.float32).astype(dtype)
+    return init
 
 
 def uniform(bound: float) -> Initializer:

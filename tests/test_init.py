@@ -111,3 +111,19 @@ def test_embedding_and_head(version):
     assert emb.shape == (V, C) and 0 < np.abs(emb).max() <= 1e-4
     assert_orthogonal(p["head"]["kernel"], 0.5 * math.sqrt(V / C))
     np.testing.assert_array_equal(p["ln0"]["scale"], 1.0)
+
+
+def test_bf16_params_are_the_fp32_init_rounded():
+    # The orthogonal matrices come from an fp32 QR in every parameter dtype (jax 0.11 has no
+    # bf16 QR), so a bf16 model starts from exactly the rounded fp32 one.
+    cfg, fp32 = init_params(7)
+    bf16_cfg = rj.RWKVConfig(version=7, n_layer=L, n_embd=C, vocab_size=V, head_size=N,
+                             param_dtype="bfloat16")
+    bf16 = rj.RWKV(bf16_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    for path, value in jax.tree_util.tree_leaves_with_path(bf16):
+        assert value.dtype == jnp.bfloat16, path
+    rounded = jax.tree_util.tree_map(lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16)), fp32)
+    np.testing.assert_array_equal(np.asarray(bf16["head"]["kernel"]), rounded["head"]["kernel"])
+    att = bf16["blocks"]["att"]
+    np.testing.assert_array_equal(np.asarray(att["key"]["kernel"]),
+                                  rounded["blocks"]["att"]["key"]["kernel"])
