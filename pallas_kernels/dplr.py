@@ -43,7 +43,7 @@ def default_chunk_size(platform: str, *inputs: jax.Array) -> int:
 
     fp32 inputs make every data matmul three TF32 passes (``platform.gpu_data_precision``), and
     at 32 tokens the gradient kernel's live tiles no longer fit in registers: ptxas (sm_90, 8
-    warps) gives it 36 KB of spill loads per thread, 3 KB at 16 tokens (experiments/RESULTS.md).
+    warps) gives it 36 KB of spill loads per thread, 1.4 KB at 16 tokens (experiments/RESULTS.md).
     """
     if platform == "tpu":
         return 64
