@@ -116,7 +116,7 @@ def test_embedding_and_head(version):
 def test_bf16_params_are_the_fp32_init_rounded():
     # The orthogonal matrices come from an fp32 QR in every parameter dtype (jax 0.11 has no
     # bf16 QR), so a bf16 model starts from exactly the rounded fp32 one.
-    cfg, fp32 = init_params(7)
+    _, fp32 = init_params(7)
     bf16_cfg = rj.RWKVConfig(version=7, n_layer=L, n_embd=C, vocab_size=V, head_size=N,
                              param_dtype="bfloat16")
     bf16 = rj.RWKV(bf16_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]

@@ -268,7 +268,7 @@ def test_exports_forward_and_gradient_for_device(platform):
     kernel_call = "tpu_custom_call" if platform == "tpu" else TRITON_CUSTOM_CALL
     forward_module = export_ahead_of_time(forward, platform, *[tokens] * 6, state).mlir_module()
     grad_module = export_ahead_of_time(jax.grad(loss, argnums=tuple(range(7))), platform,
-                          *[tokens] * 6, state).mlir_module()
+                                       *[tokens] * 6, state).mlir_module()
     assert forward_module.count(kernel_call) >= 2  # chunk summaries, then the state pass
     assert grad_module.count(kernel_call) >= 4  # and the cotangent pass, then the gradients
 
