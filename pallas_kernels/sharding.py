@@ -1,4 +1,4 @@
-"""Run a WKV kernel per shard with ``jax.shard_map``: batch over one mesh axis, optionally heads.
+"""Run a WKV kernel per shard with ``jax.shard_map``: batch over mesh axes, optionally heads.
 
 The recurrences are independent per batch element and per head (per channel for v4), so each
 device can run the kernel on its own slice with no communication; gradients flow through
@@ -12,6 +12,10 @@ Argument layouts are recognised by rank, with the state always the last argument
 * state ``[B, H, N, N]`` (v5-v7) or a tuple of ``[B, C]`` arrays (v4's ``(aa, bb, pp)``).
 
 Outputs ``(y, final_state)`` take the layout of the first argument and of the state.
+
+``shard_over_context_mesh`` is what the model uses: under a mesh set with ``jax.set_mesh`` (the
+training loop sets its ``(data, fsdp)`` mesh) a kernel call runs per batch shard, so each device
+computes only its own rows' recurrence instead of the whole batch's.
 """
 
 from __future__ import annotations
@@ -20,14 +24,17 @@ import functools
 from typing import Callable
 
 import jax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 
 # Which dimensions are batch (B) and head/channel (H) for each rank, inputs vs state.
 _INPUT_LAYOUTS = {4: "BTHN", 3: "BTH", 2: "HN", 1: "H"}
 _STATE_LAYOUTS = {4: "BHNN", 2: "BH"}
 
 
-def _spec(layout: str, batch_axis: str | None, head_axis: str | None) -> PartitionSpec:
+MeshAxes = str | tuple[str, ...] | None
+
+
+def _spec(layout: str, batch_axis: MeshAxes, head_axis: MeshAxes) -> PartitionSpec:
     axis_for = {"B": batch_axis, "H": head_axis}
     return PartitionSpec(*(axis_for.get(dim) for dim in layout))
 
@@ -40,17 +47,18 @@ def _layout(x: jax.Array, layouts: dict[int, str], role: str) -> str:
 
 def shard_wkv(
     fn: Callable,
-    mesh: Mesh,
-    batch_axis: str | None = "data",
-    head_axis: str | None = None,
+    mesh: Mesh | AbstractMesh,
+    batch_axis: MeshAxes = "data",
+    head_axis: MeshAxes = None,
 ) -> Callable:
     """Wrap a WKV function so it runs per shard of the batch (and heads when head_axis is given).
 
     Args:
       fn: ``(*inputs, state, **options) -> (y, final_state)``, e.g. ``wkv7_pallas``.
-      mesh: the device mesh.
-      batch_axis: mesh axis that splits the batch dimension (None: batch replicated).
-      head_axis: mesh axis that splits heads (channels for v4); None keeps heads whole.
+      mesh: the device mesh (or the abstract mesh of the context).
+      batch_axis: mesh axis, or tuple of axes, that splits the batch dimension (None: batch
+        replicated).
+      head_axis: mesh axis (or axes) that splits heads (channels for v4); None keeps heads whole.
 
     Returns:
       A function with fn's signature; keyword options are forwarded to fn on every shard. The
@@ -78,3 +86,28 @@ def shard_wkv(
         return per_shard(*inputs, state)
 
     return sharded
+
+
+def context_batch_axes(batch_size: int) -> tuple[str, ...]:
+    """The axes of the mesh set with ``jax.set_mesh`` that split a batch of ``batch_size`` rows.
+
+    Every axis in the mesh's order whose size divides the rows left to it, as the training loop
+    splits its batch over all of its axes; axes that are already manual (inside the caller's own
+    ``shard_map``) are not split again. Empty without a context mesh.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes, rows = [], batch_size
+    for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types):
+        if kind != AxisType.Manual and size > 1 and rows % size == 0:
+            axes.append(name)
+            rows //= size
+    return tuple(axes)
+
+
+def shard_over_context_mesh(fn: Callable, batch_size: int) -> Callable:
+    """``fn`` per batch shard over the context mesh (``context_batch_axes``); ``fn`` unchanged
+    where no mesh axis splits the batch (no mesh, one device, a batch the axes do not divide)."""
+    axes = context_batch_axes(batch_size)
+    if not axes:
+        return fn
+    return shard_wkv(fn, jax.sharding.get_abstract_mesh(), batch_axis=axes)

@@ -4,7 +4,8 @@ Runs in a subprocess with 8 virtual CPU devices (the device count is fixed when 
 cannot be changed inside this pytest process). The subprocess compares values and gradients
 (with respect to every input, including the initial state) of the sharded and unsharded calls on
 a (data=4, heads=2) mesh and on a data-only mesh, for the Pallas v7 kernel in interpret mode and,
-to check the v4-v6 argument layouts, for the XLA parallel forms of v6 and v4.
+to check the v4-v6 argument layouts, for the XLA parallel forms of v6 and v4; and that the
+model, under the training loop's (data, fsdp) mesh, runs each kernel on its own batch rows.
 """
 
 import json
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from pallas_kernels.sharding import shard_wkv
+from pallas_kernels.sharding import shard_over_context_mesh, shard_wkv
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -113,3 +114,83 @@ def test_rejects_arguments_of_unknown_rank():
     sharded = shard_wkv(lambda x, state: (x, state), mesh)
     with pytest.raises(ValueError, match="rank-5"):
         sharded(jnp.zeros((1, 1, 1, 1, 1)), jnp.zeros((1, 1, 1, 1)))
+
+
+TRAIN_STEP = textwrap.dedent(
+    """
+    import dataclasses, importlib, json, sys
+    import jax, numpy as np
+    from rwkv_jax.train import TrainConfig
+    from rwkv_jax.train import loop, sharding
+    from tests.helpers import random_params
+
+    assert jax.device_count() == 8
+    out = sys.argv[1]
+    report = {}
+    for version in (4, 6, 7):
+        # Where each version's time mixing finds its WKV forms (v6's is v5's).
+        module_name, name = {4: ("v4", "WKV4"), 6: ("v5", "WKV_DIAG"), 7: ("v7", "WKV7")}[version]
+        module = importlib.import_module(f"rwkv_jax.versions.{module_name}")
+        forms = getattr(module, name)
+        seen = []
+
+        def recording(*args, kernel=forms.pallas, seen=seen, **options):
+            seen.append(args[0].shape[0])  # the batch rows one kernel call sees
+            return kernel(*args, **options)
+
+        setattr(module, name, dataclasses.replace(forms, pallas=recording))
+        cfg = TrainConfig.from_args(["preset=tiny", f"version={version}", "wkv=pallas", "n_layer=1",
+                                     "ctx_len=24", "batch_size=8", "mesh_data=2", "mesh_fsdp=4",
+                                     f"out={out}/v{version}", "steps=1", "eval_batches=1"])
+        summary = loop.train(cfg, log=lambda line: None)  # the 2 x 4 mesh: train step and validation
+        rows_in_loop = sorted(set(seen))
+
+        # Loss and gradients on the mesh vs one device. Random weights: from the official init
+        # (zero output projections) no gradient would reach the kernel.
+        run = loop.build_run(cfg)
+        params = random_params(run.model_cfg)
+        batch = loop.train_batch(run, 0)
+        grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loop.loss_fn(run.model, p, b, cfg.l2wrap)))
+        seen.clear()
+        loss, grads = grad_fn(params, np.asarray(batch))
+        rows_single = sorted(set(seen))
+        seen.clear()
+        with jax.set_mesh(run.mesh):
+            placed = jax.device_put(params, sharding.tree_shardings(params, run.mesh, cfg.fsdp_min_size))
+            loss_mesh, grads_mesh = grad_fn(placed, batch)
+        diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+                   for a, b in zip(jax.tree.leaves(grads_mesh), jax.tree.leaves(grads)))
+        report[version] = {"loss_single": float(loss), "loss_sharded": float(loss_mesh),
+                           "max_grad_rel_diff": diff, "rows_in_loop": rows_in_loop,
+                           "rows_single": rows_single, "rows_sharded": sorted(set(seen)),
+                           "loop_loss_finite": bool(np.isfinite(summary["losses"][0]))}
+    print("REPORT " + json.dumps(report))
+    """
+)
+
+
+@pytest.mark.slow
+def test_the_training_loop_runs_each_kernel_on_its_own_batch_shard(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", TRAIN_STEP, str(tmp_path)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))[7:])
+    print(report)
+    for version, numbers in report.items():
+        # One device runs the kernel on all 8 rows; on the 2 x 4 mesh (set by the training loop,
+        # or by jax.set_mesh) each device on its own row: the partitioner alone would run a GPU
+        # kernel on the whole batch on every device.
+        assert numbers["rows_single"] == [8], (version, numbers)
+        assert numbers["rows_sharded"] == [1] and numbers["rows_in_loop"] == [1], (version, numbers)
+        assert numbers["loop_loss_finite"], (version, numbers)
+        assert abs(numbers["loss_single"] - numbers["loss_sharded"]) <= 1e-5 * abs(numbers["loss_single"])
+        assert numbers["max_grad_rel_diff"] <= 1e-5, (version, numbers)
+
+
+def test_without_a_context_mesh_the_kernel_is_called_unchanged():
+    kernel = lambda x, state: (x, state)  # noqa: E731
+    assert shard_over_context_mesh(kernel, 8) is kernel
+    with jax.set_mesh(Mesh(np.array(jax.devices()[:1]), ("data",))):  # one device: nothing to split
+        assert shard_over_context_mesh(kernel, 8) is kernel

@@ -328,7 +328,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     checkpointer = Checkpointer(out, keep=cfg.keep, async_save=cfg.async_save)
     metrics_log = MetricsLog(out)
     try:
-        return _train(run, checkpointer, metrics_log, log)
+        # The context mesh lets the model run a Pallas WKV kernel per batch shard.
+        with jax.set_mesh(run.mesh):
+            return _train(run, checkpointer, metrics_log, log)
     finally:
         checkpointer.close()
         metrics_log.close()
@@ -483,6 +485,8 @@ def evaluate(run_dir: str | Path, text: str | Path, best: bool = False, step: in
     batch_size = n_devices * max(1, cfg.batch_size // n_devices)
     batches = data_lib.eval_batches(tokens, cfg.ctx_len, batch_size, max_batches)
     eval_step = jax.jit(make_eval_step(model, tokenizer.token_bytes(), cfg.doc_sep))
-    result = evaluate_params(state["params"], eval_step, batches, shard_lib.batch_sharding(shard_lib.make_mesh()))
+    mesh = shard_lib.make_mesh()
+    with jax.set_mesh(mesh):
+        result = evaluate_params(state["params"], eval_step, batches, shard_lib.batch_sharding(mesh))
     return {"step": meta["step"], "loss": result["loss"], "perplexity": math.exp(result["loss"]),
             "bpb": result["bpb"], "tokens": result["tokens"]}

@@ -19,6 +19,7 @@ had been run on its own from `init_state`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -45,7 +46,9 @@ def run_wkv(forms: WKVForms, impl: str, per_token: tuple[Array, ...], rest: tupl
     A single token always takes the decoding `step` (that is what `RWKV.step` exercises); longer
     inputs take `impl` ("oracle", "parallel" or "pallas"). `parallel_options` (the chunk size)
     only reach the parallel form: each kernel picks its own chunk per platform, and runs in
-    Pallas interpret mode where the backend has no Pallas variant (CPU).
+    Pallas interpret mode where the backend has no Pallas variant (CPU). Under a mesh set with
+    `jax.set_mesh` a kernel runs per batch shard (`pallas_kernels.sharding`): the partitioner
+    cannot split a `pallas_call` itself and would run the whole batch on every device.
     """
     if reset is not None and impl not in ("oracle", "parallel"):
         raise ValueError(f"the {impl!r} WKV implementation does not support document resets; "
@@ -60,7 +63,9 @@ def run_wkv(forms: WKVForms, impl: str, per_token: tuple[Array, ...], rest: tupl
     if impl == "parallel":
         return forms.parallel(*per_token, *rest, **parallel_options, **with_reset)
     if impl == "pallas" and forms.pallas is not None:
+        from pallas_kernels.sharding import shard_over_context_mesh
         from rwkv_jax.config import pallas_platform
 
-        return forms.pallas(*per_token, *rest, interpret=pallas_platform() is None)
+        kernel = functools.partial(forms.pallas, interpret=pallas_platform() is None)
+        return shard_over_context_mesh(kernel, per_token[0].shape[0])(*per_token, *rest)
     raise ValueError(f"unknown WKV implementation {impl!r}")
