@@ -28,6 +28,8 @@ may use TF32 for them; wrap calls in `jax.default_matmul_precision("highest")` f
 import jax
 import jax.numpy as jnp
 
+from rwkv_jax.wkv.scan import associative_scan
+
 
 def _as_fp32(*arrays: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(jnp.asarray(a, jnp.float32) for a in arrays)
@@ -203,7 +205,7 @@ def wkv6_parallel(
         S_end = diag(exp(λ_{L−1})) S_start + Σ_i (k_i ⊙ exp(λ_{L−1} − λ_i)) v_iᵀ
 
     `_intra_chunk` computes A and the decayed r and k exactly (all decay factors ≤ 1), and the
-    chunk start states come from a `jax.lax.associative_scan` over the chunks'
+    chunk start states come from an associative scan (`rwkv_jax.wkv.scan`) over the chunks'
     (decay, additive) transitions. Memory is O(T·(H·N + H·L)) for the per-token arrays and the
     L×L blocks of A, plus O((T/L)·H·N²) for the chunk states; the per-token state is never
     materialised. L ≈ N is the fastest choice: the chunk states and A then weigh about as much as
@@ -251,7 +253,7 @@ def wkv6_parallel(
     # State after each chunk: the initial state enters through chunk 0's update, then an
     # inclusive associative scan composes the chunks' transitions.
     update = update.at[:, 0].add(decay[:, 0, ..., None] * state)
-    _, chunk_ends = jax.lax.associative_scan(_compose, (decay, update), axis=1)
+    _, chunk_ends = associative_scan(_compose, (decay, update), axis=1)
     final_state = chunk_ends[:, -1]  # padding tokens are identities
     chunk_starts = jnp.concatenate([state[:, None], chunk_ends[:, :-1]], axis=1)
 

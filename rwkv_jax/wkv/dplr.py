@@ -26,6 +26,8 @@ rounds through TF32/bf16 still compute the recurrence in fp32.
 import jax
 import jax.numpy as jnp
 
+from rwkv_jax.wkv.scan import associative_scan
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 # RWKV-7 builds logw = -exp(-0.5) * sigmoid(z), so every decay satisfies logw >= -exp(-0.5).
@@ -321,7 +323,7 @@ def wkv7_parallel(
     # state at every chunk boundary, from the initial state (index 0) to the final one (index nC).
     boundary_p = jnp.concatenate([jnp.zeros_like(state[:, :, None]), chunk_p], axis=2)
     boundary_u = jnp.concatenate([state[:, :, None], chunk_u], axis=2)
-    _, boundary_states = jax.lax.associative_scan(
+    _, boundary_states = associative_scan(
         _compose_chunk_maps, (boundary_p, boundary_u), axis=2
     )
     start_states = boundary_states[:, :, :-1]  # [B, H, nC, N, N]

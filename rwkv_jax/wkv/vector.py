@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rwkv_jax.wkv.scan import associative_scan
+
 Array = jax.Array
 State = tuple[Array, Array, Array]
 
@@ -112,8 +114,8 @@ def wkv4_parallel(k: Array, v: Array, log_decay: Array, u: Array, state: State, 
     1. Each chunk's own sums as of its last token, in the max-trick form: token i has decayed
        L−1−i times, so with z_i = k_i + (L−1−i)·w the summary is p = max_i z_i,
        a = Σ e^{z_i − p} v_i, b = Σ e^{z_i − p}.
-    2. `jax.lax.associative_scan` over [initial state, summaries] composes them into the state
-       before every chunk. Segments combine as (p_l + n_r·w, a_l, b_l) + (p_r, a_r, b_r): the
+    2. An associative scan (`rwkv_jax.wkv.scan`) over [initial state, summaries] composes them
+       into the state before every chunk. Segments combine as (p_l + n_r·w, a_l, b_l) + (p_r, a_r, b_r): the
        earlier one decays once per token of the later one (n_r tokens).
     3. Each chunk is walked from its start state with the oracle's step (`lax.scan` over the
        position in the chunk, vectorised over chunks), which gives y; padding positions leave
@@ -179,10 +181,10 @@ def wkv4_parallel(k: Array, v: Array, log_decay: Array, u: Array, state: State, 
     elements = (lengths,) + tuple(
         jnp.concatenate([s[:, None], c[:, :-1]], axis=1) for s, c in zip((pp, aa, bb), summaries))
     if reset is None:
-        _, *starts = jax.lax.associative_scan(combine, elements, axis=1)
+        _, *starts = associative_scan(combine, elements, axis=1)
     else:
         restarts = jnp.concatenate([jnp.zeros((batch, 1, 1), bool), reset_c[:, :-1].any(axis=2, keepdims=True)], axis=1)
-        _, *starts, _ = jax.lax.associative_scan(combine_with_resets, (*elements, restarts), axis=1)
+        _, *starts, _ = associative_scan(combine_with_resets, (*elements, restarts), axis=1)
 
     # 3. Walk every chunk from its start state, position by position. (Checkpointed: the backward
     #    pass recomputes each step from the carried state instead of storing its intermediates.)

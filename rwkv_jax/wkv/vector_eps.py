@@ -25,6 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from rwkv_jax.wkv.scan import associative_scan
 from rwkv_jax.wkv.vector import EMPTY_LOG_SCALE
 
 Array = jax.Array
@@ -89,7 +90,7 @@ def _combine(left: tuple[Array, ...], right: tuple[Array, ...], log_decay: Array
 
 def wkv3_parallel(k: Array, v: Array, log_decay: Array, u: Array, eps: float, state: State,
                   reset: Array | None = None) -> tuple[Array, State]:
-    """`jax.lax.associative_scan` over tokens; same contract as `wkv3_oracle`, O(T·A) memory.
+    """An associative scan (`rwkv_jax.wkv.scan`) over tokens; same contract as `wkv3_oracle`, O(T·A) memory.
 
     Token t is the segment (1, k_t, v_t, 1) and the initial state a segment of length 0; the
     inclusive scan of [state, token_0, ..., token_{T-1}] gives the state before every token and
@@ -107,7 +108,7 @@ def wkv3_parallel(k: Array, v: Array, log_decay: Array, u: Array, eps: float, st
         jnp.concatenate([bb[:, None], jnp.ones_like(k)], axis=1),
     )
     if reset is None:
-        _, p, a, b = jax.lax.associative_scan(lambda l, r: _combine(l, r, log_decay), elements, axis=1)
+        _, p, a, b = associative_scan(lambda l, r: _combine(l, r, log_decay), elements, axis=1)
         before = (a[:, :-1], b[:, :-1], p[:, :-1])
     else:
         def combine_with_resets(left, right):
@@ -115,7 +116,7 @@ def wkv3_parallel(k: Array, v: Array, log_decay: Array, u: Array, eps: float, st
             return (*(jnp.where(right[4], r, m) for r, m in zip(right[:4], merged)), left[4] | right[4])
 
         restarts = jnp.concatenate([jnp.zeros((B, 1), bool), reset], axis=1)[..., None]
-        _, p, a, b, _ = jax.lax.associative_scan(combine_with_resets, (*elements, restarts), axis=1)
+        _, p, a, b, _ = associative_scan(combine_with_resets, (*elements, restarts), axis=1)
         before = _cleared((a[:, :-1], b[:, :-1], p[:, :-1]), reset)
     y = _output(*before, u, k, v, eps)
     return y, (a[:, -1], b[:, -1], p[:, -1])
