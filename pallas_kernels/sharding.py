@@ -13,9 +13,8 @@ Argument layouts are recognised by rank, with the state always the last argument
 
 Outputs ``(y, final_state)`` take the layout of the first argument and of the state.
 
-``shard_over_context_mesh`` is what the model uses: under a mesh set with ``jax.set_mesh`` (the
-training loop sets its ``(data, fsdp)`` mesh) a kernel call runs per batch shard, so each device
-computes only its own rows' recurrence instead of the whole batch's.
+The model wraps its kernel calls with it under a mesh set with ``jax.set_mesh`` (see
+``rwkv_jax.wkv.mesh``), so each device computes only its own rows' recurrence.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import functools
 from typing import Callable
 
 import jax
-from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 # Which dimensions are batch (B) and head/channel (H) for each rank, inputs vs state.
 _INPUT_LAYOUTS = {4: "BTHN", 3: "BTH", 2: "HN", 1: "H"}
@@ -87,27 +86,3 @@ def shard_wkv(
 
     return sharded
 
-
-def context_batch_axes(batch_size: int) -> tuple[str, ...]:
-    """The axes of the mesh set with ``jax.set_mesh`` that split a batch of ``batch_size`` rows.
-
-    Every axis in the mesh's order whose size divides the rows left to it, as the training loop
-    splits its batch over all of its axes; axes that are already manual (inside the caller's own
-    ``shard_map``) are not split again. Empty without a context mesh.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    axes, rows = [], batch_size
-    for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types):
-        if kind != AxisType.Manual and size > 1 and rows % size == 0:
-            axes.append(name)
-            rows //= size
-    return tuple(axes)
-
-
-def shard_over_context_mesh(fn: Callable, batch_size: int) -> Callable:
-    """``fn`` per batch shard over the context mesh (``context_batch_axes``); ``fn`` unchanged
-    where no mesh axis splits the batch (no mesh, one device, a batch the axes do not divide)."""
-    axes = context_batch_axes(batch_size)
-    if not axes:
-        return fn
-    return shard_wkv(fn, jax.sharding.get_abstract_mesh(), batch_axis=axes)

@@ -25,6 +25,7 @@ from rwkv_jax.versions.v5 import TimeMix5
 from rwkv_jax.versions.v6 import TimeMix6
 from rwkv_jax.versions.v7 import TimeMix7
 from rwkv_jax.wkv import WKVForms, run_wkv
+from rwkv_jax.wkv.mesh import context_seq_shards, token_spec
 
 Array = jax.Array
 TIME_MIX = {2: TimeMix2, 3: TimeMix3, 4: TimeMix4, 5: TimeMix5, 6: TimeMix6, 7: TimeMix7}
@@ -100,6 +101,10 @@ class RWKV(nn.Module):
         emb = nn.Embed(V, C, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                        embedding_init=emb_init, name="tok_emb" if cfg.version == 1 else "emb")
         x = emb(tokens)
+        if context_seq_shards() > 1 and T > 1:
+            # Context parallelism: every activation lives split over the mesh's "seq" axis, as the
+            # recurrences take their tokens; the partitioner follows from here.
+            x = jax.lax.with_sharding_constraint(x, token_spec(B, T))
         if cfg.version >= 3:
             x = layer_norm(cfg, "ln0")(x)
         # v_first only exists in v7; other versions carry a placeholder through the scan.

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from pallas_kernels.sharding import shard_over_context_mesh, shard_wkv
+from pallas_kernels.sharding import shard_wkv
+from rwkv_jax.wkv.mesh import shard_over_context_mesh
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,6 +12,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from rwkv_jax.train import TrainConfig
 from rwkv_jax.train.config import ConfigError
 from rwkv_jax.train.sharding import make_mesh, maybe_initialize_distributed, param_spec
 
@@ -44,7 +45,7 @@ def test_single_process_runs_do_not_initialize_jax_distributed(monkeypatch):
 
 def test_mesh_shape_must_cover_the_devices():
     mesh = make_mesh(data=-1, fsdp=1)
-    assert dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1}
+    assert dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1, "seq": 1}
     with pytest.raises(ConfigError, match="does not cover"):
         make_mesh(data=jax.device_count() + 1, fsdp=1)
 
@@ -105,3 +106,10 @@ def test_a_step_on_a_data2_fsdp4_mesh_equals_the_single_device_step(tmp_path):
     assert report["decay"]["spec"] == [] and report["decay"]["devices"] == 8   # replicated
     assert report["batch"]["shard"] == [1, 65]                           # rows over all 8 devices
     assert report["restored_equal"]
+
+
+def test_mesh_seq_must_divide_ctx_len_and_needs_rwkv_4_or_later():
+    with pytest.raises(ConfigError, match="divisor of ctx_len=64"):
+        TrainConfig.from_args(["preset=tiny", "mesh_seq=3"])
+    with pytest.raises(ConfigError, match="RWKV-4 to 7"):
+        TrainConfig.from_args(["preset=tiny", "version=3", "mesh_seq=2"])

@@ -45,8 +45,9 @@ class TrainConfig:
     Run: steps (the schedule's length), stop_after (end this invocation after that step with a
       checkpoint, as if interrupted; `resume` continues it), seed, out (run directory), log_every,
       eval_every, eval_batches, save_every, keep (last N checkpoints), async_save, resume,
-      mesh_data / mesh_fsdp (mesh shape; -1 = all remaining devices), fsdp_min_size (smaller
-      arrays stay replicated), export_pth (write `final.pth` in the official format at the end).
+      mesh_data / mesh_fsdp (mesh shape; -1 = all remaining devices), mesh_seq (context
+      parallelism: each sequence's tokens split over this many devices; RWKV-4..7, ctx_len a
+      multiple of it), fsdp_min_size (smaller arrays stay replicated), export_pth (write `final.pth` in the official format at the end).
     """
 
     # model
@@ -94,6 +95,7 @@ class TrainConfig:
     resume: bool = False
     mesh_data: int = -1
     mesh_fsdp: int = 1
+    mesh_seq: int = 1
     fsdp_min_size: int = 2**18
     export_pth: bool = False
 
@@ -109,6 +111,11 @@ class TrainConfig:
                      "eval_batches", "save_every", "keep"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig: {name} must be positive, got {getattr(self, name)!r}")
+        if self.mesh_seq < 1 or self.ctx_len % self.mesh_seq:
+            raise ConfigError(f"TrainConfig: mesh_seq must be a positive divisor of ctx_len={self.ctx_len}, "
+                              f"got {self.mesh_seq}")
+        if self.mesh_seq > 1 and self.version < 4:
+            raise ConfigError("TrainConfig: context parallelism (mesh_seq > 1) supports RWKV-4 to 7 only")
         if self.stop_after is not None and self.stop_after <= 0:
             raise ConfigError(f"TrainConfig: stop_after must be positive or None, got {self.stop_after!r}")
         if not 0.0 < self.val_fraction < 1.0:

@@ -234,9 +234,10 @@ def build_run(cfg: TrainConfig, devices: list | None = None) -> Run:
     cfg = cfg.resolved()
     model = rj.RWKV(model_cfg)
 
-    mesh = shard_lib.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, devices)
-    if cfg.batch_size % mesh.size:
-        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {mesh.size} devices of the mesh")
+    mesh = shard_lib.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_seq, devices)
+    rows = shard_lib.batch_rows(mesh)
+    if cfg.batch_size % rows:
+        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {rows} data x fsdp devices of the mesh")
     shapes = params_shape(model)
     tx = make_optimizer(cfg, shapes)
     return Run(cfg=cfg, model_cfg=model_cfg, model=model, tokenizer=tokenizer,
@@ -328,7 +329,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     checkpointer = Checkpointer(out, keep=cfg.keep, async_save=cfg.async_save)
     metrics_log = MetricsLog(out)
     try:
-        # The context mesh lets the model run a Pallas WKV kernel per batch shard.
+        # Under the context mesh the model runs Pallas kernels per batch shard and, with a "seq"
+        # axis, splits each sequence over its devices.
         with jax.set_mesh(run.mesh):
             return _train(run, checkpointer, metrics_log, log)
     finally:

@@ -1,8 +1,10 @@
 """Device mesh and sharding: one code path for one device, many devices, or many hosts.
 
-The mesh has two axes: `data` (pure data parallelism: parameters replicated) and `fsdp`
+The mesh has three axes: `data` (pure data parallelism: parameters replicated), `fsdp`
 (parameters, gradients and optimiser state sharded ZeRO-3 style; XLA gathers each layer's weights
-where they are used). The batch is split over both axes, so every device sees different rows.
+where they are used) and `seq` (context parallelism: each sequence's tokens split over its
+devices, see `rwkv_jax.wkv.mesh`; size 1 unless asked for). The batch's rows are split over
+`data` and `fsdp`; under `seq` the model splits the tokens of its activations itself.
 Parameters are placed by `SHARDING_RULES`: large matrices are split over `fsdp` on their largest
 dimension that the axis size divides; small arrays (norms, mixes, decays) are replicated. The
 leading layer axis of `blocks/...` parameters is never split, because `nn.scan` slices it.
@@ -19,9 +21,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rwkv_jax.train.config import ConfigError
+from rwkv_jax.wkv.mesh import SEQ_AXIS
 
 DATA_AXIS, FSDP_AXIS = "data", "fsdp"
-AXES = (DATA_AXIS, FSDP_AXIS)
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+AXES = (DATA_AXIS, FSDP_AXIS, SEQ_AXIS)
 REPLICATE, SHARD = "replicate", "shard"
 # First match wins; patterns are matched against the "/"-joined parameter path.
 SHARDING_RULES: tuple[tuple[str, str], ...] = (
@@ -54,21 +58,28 @@ def maybe_initialize_distributed() -> bool:
     return multi
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
-    """A `(data, fsdp)` mesh over `devices` (default: all); -1 for one axis means "the rest"."""
+def make_mesh(data: int = -1, fsdp: int = 1, seq: int = 1, devices: list | None = None) -> Mesh:
+    """A `(data, fsdp, seq)` mesh over `devices` (default: all); -1 for data or fsdp means "the rest"."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if data == -1 and fsdp == -1:
         raise ConfigError("at most one of mesh_data / mesh_fsdp may be -1")
+    if seq < 1:
+        raise ConfigError(f"mesh_seq must be at least 1, got {seq}")
     if data == -1:
-        data = n // fsdp
+        data = n // (fsdp * seq)
     if fsdp == -1:
-        fsdp = n // data
-    if data * fsdp != n:
-        raise ConfigError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} devices")
+        fsdp = n // (data * seq)
+    if data * fsdp * seq != n:
+        raise ConfigError(f"mesh data={data} x fsdp={fsdp} x seq={seq} does not cover the {n} devices")
     # Mesh(...) without axis types: "auto" axes (the compiler propagates shardings), unlike
     # jax.make_mesh, whose default axis types have changed between jax versions.
-    return Mesh(np.asarray(devices, dtype=object).reshape(data, fsdp), AXES)
+    return Mesh(np.asarray(devices, dtype=object).reshape(data, fsdp, seq), AXES)
+
+
+def batch_rows(mesh: Mesh) -> int:
+    """How many ways the batch's rows are split (the `data` x `fsdp` devices)."""
+    return mesh.shape[DATA_AXIS] * mesh.shape[FSDP_AXIS]
 
 
 def rule_for(path: str) -> str:
@@ -111,8 +122,9 @@ def tree_shardings(tree: Any, mesh: Mesh, min_size: int) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows split over every device (both mesh axes); the sequence axis is whole."""
-    return NamedSharding(mesh, P(AXES))
+    """Rows split over the `data` and `fsdp` devices; the `[B, T + 1]` crops' token axis is whole
+    (under `seq` the model splits its `[B, T]` activations)."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def make_global_batch(shape: tuple[int, ...], sharding: NamedSharding,

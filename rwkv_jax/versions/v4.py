@@ -12,10 +12,12 @@ from pallas_kernels.vector import wkv4_pallas
 from rwkv_jax.config import RWKVConfig, layer_ratios
 from rwkv_jax.layers import channel_ratio, constant, lerp_mix, linear, orthogonal, token_shift
 from rwkv_jax.wkv import WKVForms, run_wkv
+from rwkv_jax.wkv.mesh import VECTOR_TRANSITION
 from rwkv_jax.wkv.vector import wkv4_oracle, wkv4_parallel, wkv4_step
 
 Array = jax.Array
-WKV4 = WKVForms(oracle=wkv4_oracle, parallel=wkv4_parallel, step=wkv4_step, pallas=wkv4_pallas)
+WKV4 = WKVForms(oracle=wkv4_oracle, parallel=wkv4_parallel, step=wkv4_step, pallas=wkv4_pallas,
+                shard_transition=VECTOR_TRANSITION)
 
 
 def decay_bonus_and_mixes(module: nn.Module, cfg: RWKVConfig, layer: Array, dtype: jnp.dtype,

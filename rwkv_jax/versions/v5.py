@@ -14,9 +14,11 @@ from rwkv_jax.layers import (HeadGroupNorm, channel_ratio, constant, lerp_mix, l
                              token_shift)
 from rwkv_jax.wkv import WKVForms, run_wkv
 from rwkv_jax.wkv.diag import wkv6_oracle, wkv6_parallel, wkv6_step
+from rwkv_jax.wkv.mesh import DIAG_TRANSITION
 
 Array = jax.Array
-WKV_DIAG = WKVForms(oracle=wkv6_oracle, parallel=wkv6_parallel, step=wkv6_step, pallas=wkv6_pallas)
+WKV_DIAG = WKVForms(oracle=wkv6_oracle, parallel=wkv6_parallel, step=wkv6_step, pallas=wkv6_pallas,
+                    shard_transition=DIAG_TRANSITION)
 
 
 def decay_speed(layer: Array, cfg: RWKVConfig) -> Array:

@@ -15,9 +15,11 @@ from rwkv_jax.layers import HeadGroupNorm, channel_ratio, constant, linear, lora
 from rwkv_jax.versions.v5 import heads, ln_x_scale
 from rwkv_jax.wkv import WKVForms, run_wkv
 from rwkv_jax.wkv.dplr import wkv7_oracle, wkv7_parallel, wkv7_step
+from rwkv_jax.wkv.mesh import DPLR_TRANSITION
 
 Array = jax.Array
-WKV7 = WKVForms(oracle=wkv7_oracle, parallel=wkv7_parallel, step=wkv7_step, pallas=wkv7_pallas)
+WKV7 = WKVForms(oracle=wkv7_oracle, parallel=wkv7_parallel, step=wkv7_step, pallas=wkv7_pallas,
+                shard_transition=DPLR_TRANSITION)
 # w = exp(-e^{-0.5} sigmoid(z)) keeps every decay in (0.5453, 1).
 DECAY_SCALE = math.exp(-0.5)
 L2_NORM_EPS = 1e-12

@@ -24,18 +24,22 @@ from typing import Any, Callable
 
 import jax
 
+from rwkv_jax.wkv import mesh
+
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class WKVForms:
-    """The three forms of one recurrence family, and its Pallas kernel where one exists (v4-v7;
-    same arguments as `parallel`, see `pallas_kernels/`)."""
+    """The three forms of one recurrence family, its Pallas kernel where one exists (v4-v7; same
+    arguments as `parallel`, see `pallas_kernels/`) and how a sequence shard's start state maps
+    to its end state, for context parallelism (v4-v7; `rwkv_jax.wkv.mesh`)."""
 
     oracle: Callable[..., tuple[Array, Any]]
     parallel: Callable[..., tuple[Array, Any]]
     step: Callable[..., tuple[Array, Any]]
     pallas: Callable[..., tuple[Array, Any]] | None = None
+    shard_transition: Any = None  # rwkv_jax.wkv.mesh.ShardTransition
 
 
 def run_wkv(forms: WKVForms, impl: str, per_token: tuple[Array, ...], rest: tuple[Any, ...],
@@ -47,8 +51,8 @@ def run_wkv(forms: WKVForms, impl: str, per_token: tuple[Array, ...], rest: tupl
     inputs take `impl` ("oracle", "parallel" or "pallas"). `parallel_options` (the chunk size)
     only reach the parallel form: each kernel picks its own chunk per platform, and runs in
     Pallas interpret mode where the backend has no Pallas variant (CPU). Under a mesh set with
-    `jax.set_mesh` a kernel runs per batch shard (`pallas_kernels.sharding`): the partitioner
-    cannot split a `pallas_call` itself and would run the whole batch on every device.
+    `jax.set_mesh` a kernel runs per batch shard, and a mesh axis "seq" splits the tokens over
+    its devices (context parallelism, any form): see `rwkv_jax.wkv.mesh`.
     """
     if reset is not None and impl not in ("oracle", "parallel"):
         raise ValueError(f"the {impl!r} WKV implementation does not support document resets; "
@@ -59,13 +63,20 @@ def run_wkv(forms: WKVForms, impl: str, per_token: tuple[Array, ...], rest: tupl
         y, state = forms.step(*(x[:, 0] for x in per_token), *rest, **step_reset)
         return y[:, None], state
     if impl == "oracle":
-        return forms.oracle(*per_token, *rest, **with_reset)
-    if impl == "parallel":
-        return forms.parallel(*per_token, *rest, **parallel_options, **with_reset)
-    if impl == "pallas" and forms.pallas is not None:
-        from pallas_kernels.sharding import shard_over_context_mesh
+        form = forms.oracle
+    elif impl == "parallel":
+        form = functools.partial(forms.parallel, **parallel_options)
+    elif impl == "pallas" and forms.pallas is not None:
         from rwkv_jax.config import pallas_platform
 
-        kernel = functools.partial(forms.pallas, interpret=pallas_platform() is None)
-        return shard_over_context_mesh(kernel, per_token[0].shape[0])(*per_token, *rest)
-    raise ValueError(f"unknown WKV implementation {impl!r}")
+        form = functools.partial(forms.pallas, interpret=pallas_platform() is None)
+    else:
+        raise ValueError(f"unknown WKV implementation {impl!r}")
+
+    if mesh.context_seq_shards() > 1:
+        if forms.shard_transition is None:
+            raise ValueError(f"context parallelism (mesh axis {mesh.SEQ_AXIS!r}) supports RWKV-4 to 7 only")
+        return mesh.context_parallel_wkv(form, forms.shard_transition, per_token, rest, reset)
+    if impl == "pallas":
+        form = mesh.shard_over_context_mesh(form, per_token[0].shape[0])
+    return form(*per_token, *rest, **with_reset)
