@@ -1,5 +1,6 @@
-"""`experiments/bench_wkv.py` and `experiments/bench_kernels.py --smoke` run end to end and print
-their tables (both are what a device session runs, through experiments/device_check.sh)."""
+"""`experiments/bench_wkv.py`, `bench_kernels.py --smoke` (what a device session runs, through
+experiments/device_check.sh) and `bench_context_parallel.py --smoke` run end to end and print
+their tables."""
 
 from __future__ import annotations
 
@@ -42,3 +43,11 @@ def test_bench_kernels_smoke_prints_every_form_with_small_errors():
                      ("v6", "oracle"), ("v6", "parallel"), ("v6", "pallas")]
     for row in rows:
         assert float(row[-1]) <= 2e-2  # err y against the oracle, bf16 inputs
+
+
+def test_bench_context_parallel_smoke_prints_a_row_per_split_with_less_memory_per_device():
+    stdout = _run("bench_context_parallel.py", "--smoke")
+    rows = [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith("| v7")]
+    assert [int(row[1]) for row in rows] == [1, 2, 4]
+    megabytes = [float(row[3]) for row in rows]
+    assert megabytes[0] > megabytes[1] > megabytes[2]
