@@ -39,7 +39,7 @@ class WKVForms:
     parallel: Callable[..., tuple[Array, Any]]
     step: Callable[..., tuple[Array, Any]]
     pallas: Callable[..., tuple[Array, Any]] | None = None
-    shard_transition: Any = None  # rwkv_jax.wkv.mesh.ShardTransition
+    shard_transition: mesh.ShardTransition | None = None
 
 
 def run_wkv(forms: WKVForms, impl: str, per_token: tuple[Array, ...], rest: tuple[Any, ...],
