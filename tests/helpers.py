@@ -1,8 +1,10 @@
-"""Shared test utilities: random (non-degenerate) parameters and error metrics."""
+"""Shared test utilities: random (non-degenerate) parameters, error metrics, recording WKV calls."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 
 import flax.traverse_util as traverse_util
 import jax
@@ -53,3 +55,23 @@ def step_fn(cfg: rj.RWKVConfig):
     """`(params, token [B], state) -> (logits [B, V], state)` through `RWKV.step`, jitted once per config."""
     return jax.jit(lambda params, token, state: rj.RWKV(cfg).apply({"params": params}, token, state,
                                                                  method=rj.RWKV.step))
+
+
+# Where each version's time mixing finds its WKV forms (v6's are v5's).
+_WKV_FORMS = {4: ("v4", "WKV4"), 5: ("v5", "WKV_DIAG"), 6: ("v5", "WKV_DIAG"), 7: ("v7", "WKV7")}
+
+
+def record_wkv_calls(version: int, impl: str) -> list[list[int]]:
+    """From now on, every call of `version`'s `impl` WKV form ("oracle", "parallel", "pallas")
+    appends the [rows, tokens] it sees to the returned list (the form itself still runs)."""
+    module_name, name = _WKV_FORMS[version]
+    module = importlib.import_module(f"rwkv_jax.versions.{module_name}")
+    forms = getattr(module, name)
+    seen: list[list[int]] = []
+
+    def recording(*args, form=getattr(forms, impl), **options):
+        seen.append(list(args[0].shape[:2]))
+        return form(*args, **options)
+
+    setattr(module, name, dataclasses.replace(forms, **{impl: recording}))
+    return seen

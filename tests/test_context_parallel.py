@@ -159,25 +159,16 @@ def test_lengths_the_axis_does_not_divide_and_versions_without_a_transition_are_
 
 TRAIN = textwrap.dedent(
     """
-    import dataclasses, importlib, json, sys
+    import json, sys
     import jax, numpy as np
     from rwkv_jax.train import TrainConfig
     from rwkv_jax.train import loop, sharding
-    from tests.helpers import random_params
+    from tests.helpers import random_params, record_wkv_calls
 
     assert jax.device_count() == 8
     report = {}
     for version in (4, 6, 7):
-        module_name, name = {4: ("v4", "WKV4"), 6: ("v5", "WKV_DIAG"), 7: ("v7", "WKV7")}[version]
-        module = importlib.import_module(f"rwkv_jax.versions.{module_name}")
-        forms = getattr(module, name)
-        seen = []
-
-        def recording(*args, form=forms.parallel, seen=seen, **options):
-            seen.append(list(args[0].shape[:2]))  # rows and tokens one call sees
-            return form(*args, **options)
-
-        setattr(module, name, dataclasses.replace(forms, parallel=recording))
+        seen = record_wkv_calls(version, "parallel")
         cfg = TrainConfig.from_args(["preset=tiny", f"version={version}", "wkv=parallel", "n_layer=1",
                                      "ctx_len=24", "batch_size=4", "mesh_data=2", "mesh_seq=4",
                                      f"out={sys.argv[1]}/v{version}", "steps=1", "eval_batches=1"])

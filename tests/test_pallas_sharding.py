@@ -119,32 +119,22 @@ def test_rejects_arguments_of_unknown_rank():
 
 TRAIN_STEP = textwrap.dedent(
     """
-    import dataclasses, importlib, json, sys
+    import json, sys
     import jax, numpy as np
     from rwkv_jax.train import TrainConfig
     from rwkv_jax.train import loop, sharding
-    from tests.helpers import random_params
+    from tests.helpers import random_params, record_wkv_calls
 
     assert jax.device_count() == 8
     out = sys.argv[1]
     report = {}
     for version in (4, 6, 7):
-        # Where each version's time mixing finds its WKV forms (v6's is v5's).
-        module_name, name = {4: ("v4", "WKV4"), 6: ("v5", "WKV_DIAG"), 7: ("v7", "WKV7")}[version]
-        module = importlib.import_module(f"rwkv_jax.versions.{module_name}")
-        forms = getattr(module, name)
-        seen = []
-
-        def recording(*args, kernel=forms.pallas, seen=seen, **options):
-            seen.append(args[0].shape[0])  # the batch rows one kernel call sees
-            return kernel(*args, **options)
-
-        setattr(module, name, dataclasses.replace(forms, pallas=recording))
+        seen = record_wkv_calls(version, "pallas")
         cfg = TrainConfig.from_args(["preset=tiny", f"version={version}", "wkv=pallas", "n_layer=1",
                                      "ctx_len=24", "batch_size=8", "mesh_data=2", "mesh_fsdp=4",
                                      f"out={out}/v{version}", "steps=1", "eval_batches=1"])
         summary = loop.train(cfg, log=lambda line: None)  # the 2 x 4 mesh: train step and validation
-        rows_in_loop = sorted(set(seen))
+        rows_in_loop = sorted({rows for rows, _ in seen})
 
         # Loss and gradients on the mesh vs one device. Random weights: from the official init
         # (zero output projections) no gradient would reach the kernel.
@@ -154,7 +144,7 @@ TRAIN_STEP = textwrap.dedent(
         grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loop.loss_fn(run.model, p, b, cfg.l2wrap)))
         seen.clear()
         loss, grads = grad_fn(params, np.asarray(batch))
-        rows_single = sorted(set(seen))
+        rows_single = sorted({rows for rows, _ in seen})
         seen.clear()
         with jax.set_mesh(run.mesh):
             placed = jax.device_put(params, sharding.tree_shardings(params, run.mesh, cfg.fsdp_min_size))
@@ -163,7 +153,7 @@ TRAIN_STEP = textwrap.dedent(
                    for a, b in zip(jax.tree.leaves(grads_mesh), jax.tree.leaves(grads)))
         report[version] = {"loss_single": float(loss), "loss_sharded": float(loss_mesh),
                            "max_grad_rel_diff": diff, "rows_in_loop": rows_in_loop,
-                           "rows_single": rows_single, "rows_sharded": sorted(set(seen)),
+                           "rows_single": rows_single, "rows_sharded": sorted({rows for rows, _ in seen}),
                            "loop_loss_finite": bool(np.isfinite(summary["losses"][0]))}
     print("REPORT " + json.dumps(report))
     """
