@@ -263,3 +263,100 @@ def test_sharded_hf_directory_loads(tmp_path):
     cfg2, params2 = convert.load_checkpoint(tmp_path / "sharded")
     assert cfg2 == cfg
     assert_same_params(params2, params)
+
+
+def test_writing_over_a_directory_replaces_the_old_weights(tmp_path):
+    from safetensors.numpy import save_file
+
+    from helpers import random_params
+
+    cfg = rj.RWKVConfig(version=6, **SIZES)
+    old, new = random_params(cfg, seed=1), random_params(cfg, seed=2)
+    out = tmp_path / "out"
+    convert.save_checkpoint(out, cfg, old, format="fla")
+    convert.save_checkpoint(out, cfg, new, format="fla", safetensors=False)  # the old model.safetensors would win
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "pytorch_model.bin"]
+    assert_same_params(convert.load_checkpoint(out)[1], new)
+
+    # A sharded model there before (an index wins over any single file): its index and shards go,
+    # other files stay, even ones an index names.
+    tensors = fla.fla_tensors(cfg, old)
+    save_file(tensors, str(out / "model-00001-of-00001.safetensors"))
+    weight_map = {name: "model-00001-of-00001.safetensors" for name in tensors}
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"x": "notes.txt"}}))
+    (out / "notes.txt").write_text("mine")
+    convert.save_checkpoint(out, cfg, new, format="fla")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    assert_same_params(convert.load_checkpoint(out)[1], new)
+
+
+def test_broken_files_give_checkpoint_errors(tmp_path, capsys):
+    from helpers import random_params
+
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(CheckpointError, match="bad.safetensors: corrupt or truncated safetensors file"):
+        convert.load_checkpoint(tmp_path / "bad.safetensors")
+    assert _cli([str(tmp_path / "bad.safetensors"), str(tmp_path / "out.pth")]) == 1  # a message, no traceback
+    assert "corrupt or truncated safetensors file" in capsys.readouterr().err
+    header = json.dumps({"w": {"dtype": "F8_E4M3", "shape": [3], "data_offsets": [0, 3]}}).encode()
+    (tmp_path / "fp8.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(3))
+    with pytest.raises(CheckpointError, match="fp8.safetensors: unsupported tensor dtype"):
+        convert.load_checkpoint(tmp_path / "fp8.safetensors")
+
+    cfg = rj.RWKVConfig(version=4, **{k: v for k, v in SIZES.items() if k != "head_size"})
+    convert.save_checkpoint(tmp_path / "hf", cfg, random_params(cfg), format="hf")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    for content, message in [({"metadata": {}}, "has no 'weight_map' object"),
+                             ({"weight_map": {"head.weight": "../model.safetensors"}}, "not files of its directory"),
+                             ([1], "holds a JSON list, not an object")]:
+        index.write_text(json.dumps(content))
+        with pytest.raises(CheckpointError, match=message):
+            convert.load_checkpoint(tmp_path / "hf")
+    index.unlink()
+
+    (tmp_path / "hf" / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config.json holds a JSON list, not an object"):
+        convert.load_checkpoint(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
+        convert.load_checkpoint(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("version, key, message", [
+    (6, "emb.weight", r"'emb.weight' has shape \(4480,\), expected 2 axes \(vocab_size, n_embd\)"),
+    (6, "blocks.0.att.time_faaaa", r"'blocks.0.att.time_faaaa' has shape \(64,\), expected 2 axes \(n_head, head_size\)"),
+    (7, "blocks.0.att.r_k", r"'blocks.0.att.r_k' has shape \(64,\), expected 2 axes \(n_head, head_size\)"),
+    (7, "blocks.0.att.a1", r"'blocks.0.att.a1' has shape \(\d+,\), expected 2 axes \(n_embd, d_a\)"),
+])
+def test_config_inference_names_tensors_of_the_wrong_rank(version, key, message):
+    from helpers import random_params
+
+    cfg = rj.RWKVConfig(version=version, **SIZES)
+    official = rj.io.official.params_to_official(cfg, random_params(cfg))
+    official[key] = official[key].reshape(-1)
+    with pytest.raises(CheckpointError, match=message):
+        rj.io.official.infer_config(official)
+
+
+def test_dtypes_are_reported_honestly(tmp_path):
+    from helpers import random_params
+
+    cfg = rj.RWKVConfig(version=6, **SIZES)
+    official = rj.io.official.params_to_official(cfg, random_params(cfg))
+    rj.io.pth.write_pth(tmp_path / "fp16.pth", {k: v.astype(np.float16) for k, v in official.items()})
+    cfg16, params16 = convert.load_checkpoint(tmp_path / "fp16.pth")
+    assert cfg16.param_dtype == "float16"
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params16)} == {np.dtype(np.float16)}
+
+    # float64 is cast to float32 explicitly (not by whatever jax_enable_x64 says), as the config says.
+    rj.io.pth.write_pth(tmp_path / "fp64.pth", {k: v.astype(np.float64) for k, v in official.items()})
+    with jax.enable_x64(True):
+        cfg64, params64 = convert.load_checkpoint(tmp_path / "fp64.pth")
+    assert cfg64.param_dtype == "float32"
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params64)} == {np.dtype(np.float32)}
+
+    for fmt in ("hf", "fla"):
+        assert _cli([str(tmp_path / "fp64.pth"), str(tmp_path / fmt), "--to", fmt, "--dtype", "float16"]) == 0
+        assert json.loads((tmp_path / fmt / "config.json").read_text())["torch_dtype"] == "float16"
+        assert convert.load_checkpoint(tmp_path / fmt)[0].param_dtype == "float16"

@@ -116,7 +116,6 @@ def test_read_views_strides_and_shared_storages(tmp_path: Path) -> None:
         "transposed": base.t(),  # saved without .contiguous()
         "tail": base.view(-1)[7:19].view(3, 4),  # shares the storage at an offset
         "tied": base,  # the very same tensor object under a second name
-        "expanded": torch.ones(3, dtype=torch.float16).expand(2, 3),  # stride 0
         "row": base[2],
     }
     torch.save(sd, tmp_path / "m.pth")
@@ -126,6 +125,60 @@ def test_read_views_strides_and_shared_storages(tmp_path: Path) -> None:
     # Entries sharing a storage come back as independent arrays.
     out["base"][0, 0] = 99
     assert float(out["tied"][0, 0]) == 0 and float(out["transposed"][0, 0]) == 0
+
+
+def test_expanded_tensor_is_refused_not_materialised(tmp_path: Path) -> None:
+    # 4 bytes of storage stretched to 4 MB by stride 0: at (1e5, 1e5) it would ask for 40 GB.
+    torch = _torch()
+    torch.save({"w": torch.zeros(1).expand(1000, 1000)}, tmp_path / "m.pth")
+    with pytest.raises(PthError, match=r"size \(1000, 1000\), stride \(0, 0\) has 1000000 elements but "
+                                       r"its storage '0' holds only 1"):
+        read_pth(tmp_path / "m.pth")
+
+
+def test_read_file_saved_without_crc32(tmp_path: Path) -> None:
+    torch = _torch()
+    if not hasattr(torch.serialization, "set_crc32_options"):
+        pytest.skip("this torch always writes CRC-32s")
+    sd = {"emb.weight": torch.randn(7, 5), "x": torch.arange(3)}
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(sd, tmp_path / "m.pth")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with zipfile.ZipFile(tmp_path / "m.pth") as zf:  # the file really has no CRCs to check
+        assert all(info.CRC == 0 for info in zf.infolist())
+    out = read_pth(tmp_path / "m.pth")
+    for name, value in sd.items():
+        _assert_matches_torch(out[name], value)
+
+
+def test_parameters_carrying_attributes_are_read(tmp_path: Path) -> None:
+    # fla marks parameters with `_no_weight_decay = True`; torch pickles such an nn.Parameter
+    # through _rebuild_parameter_with_state, which torch.load(weights_only=True) accepts.
+    torch = _torch()
+    linear = torch.nn.Linear(4, 3)
+    linear.weight._no_weight_decay = True
+    torch.save(dict(linear.named_parameters()), tmp_path / "m.pth")
+    out = read_pth(tmp_path / "m.pth")
+    for name, value in linear.named_parameters():
+        _assert_matches_torch(out[name], value.detach())
+
+    # Attributes are dropped unread, so only simple values may be there.
+    linear.weight._no_weight_decay = torch.ones(2)
+    torch.save(dict(linear.named_parameters()), tmp_path / "tensor_attribute.pth")
+    with pytest.raises(PthError, match="parameter attributes must be a dict of simple values"):
+        read_pth(tmp_path / "tensor_attribute.pth")
+
+
+@pytest.mark.parametrize("dtype", ["complex64", "uint16", "float8_e4m3fn"])
+def test_unsupported_torch_dtypes_are_named(tmp_path: Path, dtype: str) -> None:
+    torch = _torch()
+    if not hasattr(torch, dtype):
+        pytest.skip(f"this torch has no {dtype}")
+    torch.save({"w": torch.zeros(3).to(getattr(torch, dtype))}, tmp_path / "m.pth")
+    with pytest.raises(PthError, match=f"unsupported tensor dtype {dtype}"):
+        read_pth(tmp_path / "m.pth")
 
 
 def test_forward_module_prefix_is_stripped(tmp_path: Path) -> None:
@@ -331,8 +384,8 @@ def test_corrupted_storage_bytes(tmp_path: Path) -> None:
         read_pth(tmp_path / "m.pth")
 
 
-def _craft_pth(path: Path, size: tuple[int, ...], build_state: dict | None = None) -> Path:
-    """A .pth whose tensor 'a' has `size` over a 3-element float storage.
+def _craft_pth(path: Path, size: tuple[int, ...], build_state: dict | None = None, offset: int = 0) -> Path:
+    """A .pth whose tensor 'a' has `size` at `offset` over a 3-element float storage.
 
     With build_state, the pickle then applies BUILD(build_state) to the rebuilt tensor.
     """
@@ -340,7 +393,7 @@ def _craft_pth(path: Path, size: tuple[int, ...], build_state: dict | None = Non
 
     class FakeTensor:
         def __reduce__(self):
-            args = ("STORAGE", 0, size, (1,) * len(size), False, collections.OrderedDict())
+            args = ("STORAGE", offset, size, (1,) * len(size), False, collections.OrderedDict())
             return (torch._utils._rebuild_tensor_v2, args, build_state)
 
     class Pickler(pickle.Pickler):
@@ -355,8 +408,10 @@ def _craft_pth(path: Path, size: tuple[int, ...], build_state: dict | None = Non
 
 def test_tensor_past_end_of_storage(tmp_path: Path) -> None:
     assert read_pth(_craft_pth(tmp_path / "ok.pth", (3,)))["a"].tolist() == [0, 0, 0]  # crafting is sound
-    with pytest.raises(PthError, match="reaches element 10 but storage '0' holds only 3"):
-        read_pth(_craft_pth(tmp_path / "bad.pth", (10,)))
+    with pytest.raises(PthError, match="reaches element 4 but storage '0' holds only 3"):
+        read_pth(_craft_pth(tmp_path / "shifted.pth", (3,), offset=1))
+    with pytest.raises(PthError, match="has 10 elements but its storage '0' holds only 3"):
+        read_pth(_craft_pth(tmp_path / "long.pth", (10,)))
 
 
 def test_pickle_cannot_modify_rebuilt_objects(tmp_path: Path) -> None:

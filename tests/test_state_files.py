@@ -108,3 +108,21 @@ def test_state_file_round_trip_and_errors(tmp_path):
     rj.save_pth(tmp_path / "plain.pth", cfg, __import__("helpers").random_params(cfg))
     with pytest.raises(CheckpointError, match="not a state-tuning file"):
         load_state_pth(tmp_path / "plain.pth", cfg)
+
+
+def test_state_file_is_not_mistaken_for_a_model(tmp_path):
+    cfg = rj.RWKVConfig(version=6, **SIZES)
+    path = tmp_path / "state.pth"
+    save_state_pth(path, cfg, state_from_time_state(cfg, random_time_state(2, 4, 16)))
+    for load in (convert.load_checkpoint, rj.load_pth):
+        with pytest.raises(CheckpointError, match=r"holds only state-tuning tensors .*load_state_pth"):
+            load(path)
+
+
+def test_save_state_refuses_a_batch_index_out_of_range(tmp_path):
+    cfg = rj.RWKVConfig(version=6, **SIZES)
+    state = rj.init_state(cfg, 2)
+    save_state_pth(tmp_path / "last.pth", cfg, state, batch_index=-1)  # Python indexing, as before
+    with pytest.raises(ValueError, match="batch_index 3 is out of range for a state of batch size 2"):
+        save_state_pth(tmp_path / "s.pth", cfg, state, batch_index=3)
+    assert not (tmp_path / "s.pth").exists()

@@ -29,7 +29,7 @@ from rwkv_jax.config import DTYPES, RWKVConfig
 from rwkv_jax.io.fla import is_fla_layout, params_from_fla, save_fla
 from rwkv_jax.io.hf import is_hf_layout, params_from_hf, read_config, read_weights, save_hf
 from rwkv_jax.io.official import (CheckpointError, Params, infer_config, params_from_official, save_pth,
-                                  split_time_state)
+                                  split_model_file)
 from rwkv_jax.io.orbax_params import is_orbax_params_dir, load_params, save_params
 from rwkv_jax.io.pth import PthError
 from rwkv_jax.io.state_files import state_from_time_state
@@ -68,7 +68,7 @@ def _load(path: Path, config_overrides: dict[str, Any]) -> tuple[str, RWKVConfig
         return (fmt, *params_from_hf(tensors, read_config(path), **config_overrides), None)
     if fmt == "fla":
         return (fmt, *params_from_fla(tensors, read_config(path), **config_overrides), None)
-    weights, time_state = split_time_state(tensors)
+    weights, time_state = split_model_file(tensors, path)
     cfg = infer_config(weights, **config_overrides)
     state = state_from_time_state(cfg, time_state) if time_state else None
     return fmt, cfg, params_from_official(cfg, weights), state

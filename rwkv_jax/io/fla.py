@@ -230,7 +230,7 @@ def fla_config(cfg: RWKVConfig) -> dict[str, Any]:
         "intermediate_size": cfg.dim_ffn, "hidden_ratio": cfg.dim_ffn / cfg.n_embd, "hidden_act": "sqrelu",
         "head_dim": cfg.head_size, "num_heads": cfg.n_head, "norm_first": True, "norm_bias": True,
         "norm_eps": 1e-5, "tie_word_embeddings": False, "use_cache": True, "fuse_norm": False,
-        "torch_dtype": "bfloat16" if cfg.param_dtype == "bfloat16" else "float32",
+        "torch_dtype": cfg.param_dtype,
     }
     if cfg.version == 6:
         config.update(attn_mode="chunk", expand_k=cfg.dim_att / cfg.n_embd, expand_v=cfg.dim_att / cfg.n_embd,

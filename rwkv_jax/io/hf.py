@@ -78,9 +78,8 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if path.is_dir():
         for index_name in SHARD_INDEXES:
             if (path / index_name).is_file():
-                shards = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
                 tensors: dict[str, np.ndarray] = {}
-                for shard in shards:
+                for shard in _index_shards(path / index_name):
                     tensors.update(read_weights(path / shard))
                 return tensors
         for name in (SAFETENSORS_FILE, BIN_FILE):
@@ -88,32 +87,83 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 return read_weights(path / name)
         raise CheckpointError(f"{path} has no {SAFETENSORS_FILE}, {BIN_FILE} or shard index")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        return dict(load_file(str(path)))
+        try:
+            return dict(load_file(str(path)))
+        except SafetensorError as error:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({error})") from None
+        except AttributeError as error:  # the NumPy API looks the dtype up as an attribute of numpy
+            raise CheckpointError(f"{path}: unsupported tensor dtype ({error})") from None
     return read_pth(path)
+
+
+def _index_shards(index_file: Path) -> list[str]:
+    """The shard files a `*.index.json` names (sorted, each once), checked to be plain file names."""
+    index = read_json_object(index_file)
+    weight_map = index.get("weight_map")
+    if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+        raise CheckpointError(f"{index_file} has no 'weight_map' object mapping tensor names to shard files")
+    shards = sorted(set(weight_map.values()))
+    # Shards live beside their index; a path elsewhere would also aim write_weights' clean-up there.
+    outside = [shard for shard in shards if shard in ("", ".", "..") or Path(shard).name != shard]
+    if outside:
+        raise CheckpointError(f"{index_file} names shards that are not files of its directory: {outside}")
+    return shards
+
+
+def _remove_stale_weights(directory: Path, keep: str) -> None:
+    """Delete the weight files other than `keep` that `read_weights` would read instead of it or
+    beside it: the other single file, both shard indexes and the shards they list. Only files with
+    these names are touched."""
+    stale = {SAFETENSORS_FILE, BIN_FILE, *SHARD_INDEXES} - {keep}
+    for index_name in SHARD_INDEXES:
+        if (directory / index_name).is_file():
+            try:
+                shards = _index_shards(directory / index_name)
+            except CheckpointError:
+                continue  # an unreadable index names no shards we could safely remove; it goes itself
+            stale.update(shard for shard in shards if shard.endswith((".safetensors", ".bin")))
+    for name in sorted(stale - {keep, CONFIG_FILE}):
+        if (directory / name).is_file():
+            (directory / name).unlink()
 
 
 def write_weights(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray], config: Mapping[str, Any],
                   safetensors: bool = True) -> None:
-    """`config.json` plus `model.safetensors` (or `pytorch_model.bin`) in `directory`."""
+    """`config.json` plus `model.safetensors` (or `pytorch_model.bin`) in `directory`, after
+    removing the weight files of an earlier model there that the reader would prefer or merge."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    weights_file = SAFETENSORS_FILE if safetensors else BIN_FILE
+    _remove_stale_weights(directory, weights_file)
     (directory / CONFIG_FILE).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
     if safetensors:
         from safetensors.numpy import save_file
 
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / SAFETENSORS_FILE),
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / weights_file),
                   metadata={"format": "pt"})  # "pt": transformers refuses safetensors without it
     else:
-        write_pth(directory / BIN_FILE, dict(tensors))
+        write_pth(directory / weights_file, dict(tensors))
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object (config.json, a shard index), or CheckpointError saying why not."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any] | None:
     """The `config.json` of an HF directory (or of a weight file's directory), or None."""
     path = Path(path)
     config_file = (path if path.is_dir() else path.parent) / CONFIG_FILE
-    return json.loads(config_file.read_text()) if config_file.is_file() else None
+    return read_json_object(config_file) if config_file.is_file() else None
 
 
 def check_config_matches(config: Mapping[str, Any] | None, cfg: RWKVConfig, fields: Mapping[str, Any]) -> None:
@@ -184,7 +234,7 @@ def hf_config(cfg: RWKVConfig, context_length: int = 4096) -> dict[str, Any]:
         "num_hidden_layers": cfg.n_layer, "attention_hidden_size": cfg.dim_att, "intermediate_size": cfg.dim_ffn,
         "layer_norm_epsilon": 1e-5, "rescale_every": HF_RESCALE_EVERY, "bos_token_id": 0, "eos_token_id": 0,
         "tie_word_embeddings": False, "use_cache": True,
-        "torch_dtype": "bfloat16" if cfg.param_dtype == "bfloat16" else "float32",
+        "torch_dtype": cfg.param_dtype,
     }
     if cfg.version >= 5:
         repo, name = HF_REMOTE_CODE[cfg.version]
@@ -260,4 +310,4 @@ def save_hf(directory: str | os.PathLike, cfg: RWKVConfig, params: Params, safet
 
 
 __all__ = ["hf_config", "hf_name", "hf_tensors", "load_hf", "official_name", "params_from_hf", "read_config",
-           "read_weights", "save_hf", "write_weights"]
+           "read_json_object", "read_weights", "save_hf", "write_weights"]

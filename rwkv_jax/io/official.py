@@ -88,6 +88,12 @@ class CheckpointError(ValueError):
     """A checkpoint that does not describe a model we can build (names the offending keys)."""
 
 
+# Files whose parameters all have one of these dtypes infer it as `param_dtype`; any other file
+# (mixed, float64) infers float32.
+_PARAM_DTYPES = {np.dtype(ml_dtypes.bfloat16): "bfloat16", np.dtype(np.float16): "float16",
+                 np.dtype(np.float32): "float32"}
+
+
 def _official_name(path: tuple[str, ...]) -> str:
     *head, leaf = path
     return ".".join([*head, LEAF_TO_OFFICIAL.get(leaf, leaf)])
@@ -164,7 +170,8 @@ def expected_official_shapes(cfg: RWKVConfig) -> dict[str, tuple[int, ...]]:
 
 
 def params_from_official(cfg: RWKVConfig, tensors: Mapping[str, np.ndarray]) -> Params:
-    """Official state_dict arrays -> our parameter tree (jnp arrays, the file's dtypes).
+    """Official state_dict arrays -> our parameter tree (jnp arrays in the file's dtypes, except
+    float64, which becomes float32: JAX holds at most 32-bit floats unless x64 is enabled).
 
     Raises CheckpointError naming every missing, unexpected or wrongly shaped key.
     """
@@ -205,6 +212,8 @@ def params_from_official(cfg: RWKVConfig, tensors: Mapping[str, np.ndarray]) -> 
             value = tensors[_official_name(path)]
             if path[-1] == "kernel":
                 value = value.T
+        if value.dtype == np.float64:  # explicitly, rather than by jnp.asarray's silent x64-off downcast
+            value = value.astype(np.float32)
         flat[path] = jnp.asarray(np.ascontiguousarray(value))
     return traverse_util.unflatten_dict(flat)
 
@@ -227,6 +236,16 @@ def _require(tensors: Mapping[str, np.ndarray], *keys: str) -> None:
         raise CheckpointError(f"checkpoint is missing {missing}, needed to infer the model config")
 
 
+def _dims(tensors: Mapping[str, np.ndarray], key: str, *names: str) -> tuple[int, ...]:
+    """The shape of `tensors[key]`, which must have one axis per entry of `names` (what each axis
+    gives the config), as ints; CheckpointError naming the key otherwise."""
+    shape = tuple(int(n) for n in tensors[key].shape)
+    if len(shape) != len(names):
+        raise CheckpointError(f"{key!r} has shape {shape}, expected {len(names)} axes ({', '.join(names)}); "
+                              "cannot infer the model config")
+    return shape
+
+
 def infer_config(tensors: Mapping[str, np.ndarray], **overrides: Any) -> RWKVConfig:
     """Version and sizes from official key names and shapes: for v4-v7 the `rwkv` package's rules
     (§13.3); v1 has `tok_emb`, v2 a single `att.time_mix`, v3 a (C, 1) `att.time_decay`. The v1-v3
@@ -240,26 +259,26 @@ def infer_config(tensors: Mapping[str, np.ndarray], **overrides: Any) -> RWKVCon
     if "blocks.0.ffnPre.key.weight" in keys:
         raise CheckpointError("'RWKV-ffnPre' checkpoints (layer 0 has ffnPre instead of att) are not supported")
     _require(tensors, "emb.weight", "blocks.0.att.key.weight", "blocks.0.ffn.key.weight")
-    vocab_size, n_embd = tensors["emb.weight"].shape
-    sizes: dict[str, Any] = dict(n_layer=_layer_count(tensors), n_embd=int(n_embd), vocab_size=int(vocab_size),
-                                 dim_att=int(tensors["blocks.0.att.key.weight"].shape[0]),
-                                 dim_ffn=int(tensors["blocks.0.ffn.key.weight"].shape[0]))
+    vocab_size, n_embd = _dims(tensors, "emb.weight", "vocab_size", "n_embd")
+    sizes: dict[str, Any] = dict(n_layer=_layer_count(tensors), n_embd=n_embd, vocab_size=vocab_size,
+                                 dim_att=_dims(tensors, "blocks.0.att.key.weight", "dim_att", "n_embd")[0],
+                                 dim_ffn=_dims(tensors, "blocks.0.ffn.key.weight", "dim_ffn", "n_embd")[0])
     if "blocks.0.att.r_k" in keys:
         version = 7
-        n_head, head_size = tensors["blocks.0.att.r_k"].shape
+        _, head_size = _dims(tensors, "blocks.0.att.r_k", "n_head", "head_size")
         value_layer = 1 if "blocks.1.att.v1" in keys else 0
         for name in ("w", "a", "g"):
             _require(tensors, f"blocks.0.att.{name}1")
-            sizes[f"d_{name}"] = int(tensors[f"blocks.0.att.{name}1"].shape[1])
+            sizes[f"d_{name}"] = _dims(tensors, f"blocks.0.att.{name}1", "n_embd", f"d_{name}")[1]
         if f"blocks.{value_layer}.att.v1" in keys:
-            sizes["d_v"] = int(tensors[f"blocks.{value_layer}.att.v1"].shape[1])
-        sizes["head_size"] = int(head_size)
+            sizes["d_v"] = _dims(tensors, f"blocks.{value_layer}.att.v1", "n_embd", "d_v")[1]
+        sizes["head_size"] = head_size
     elif any(".time_maa" in k for k in keys):
         version = 6
         _require(tensors, "blocks.0.att.time_faaaa", "blocks.0.att.time_maa_w1", "blocks.0.att.time_decay_w1")
-        sizes["head_size"] = int(tensors["blocks.0.att.time_faaaa"].shape[1])
-        sizes["d_mix"] = int(tensors["blocks.0.att.time_maa_w1"].shape[1]) // 5
-        sizes["d_decay"] = int(tensors["blocks.0.att.time_decay_w1"].shape[1])
+        sizes["head_size"] = _dims(tensors, "blocks.0.att.time_faaaa", "n_head", "head_size")[1]
+        sizes["d_mix"] = _dims(tensors, "blocks.0.att.time_maa_w1", "n_embd", "5 * d_mix")[1] // 5
+        sizes["d_decay"] = _dims(tensors, "blocks.0.att.time_decay_w1", "n_embd", "d_decay")[1]
     elif any(".ln_x." in k for k in keys):
         version = 5
         _require(tensors, "blocks.0.att.time_decay")
@@ -285,31 +304,32 @@ def infer_config(tensors: Mapping[str, np.ndarray], **overrides: Any) -> RWKVCon
         if version < 4:
             sizes["head_qk"] = _head_qk(tensors)
             if COPY_MASK in keys:
-                sizes["ctx_len"] = int(tensors[COPY_MASK].shape[0])
+                sizes["ctx_len"] = _dims(tensors, COPY_MASK, "ctx_len", "ctx_len")[0]
     return _make_config(tensors, version, sizes, overrides)
 
 
 def _head_qk(tensors: Mapping[str, np.ndarray]) -> int:
-    return int(tensors["head_q.weight"].shape[0]) if "head_q.weight" in tensors else 0
+    return _dims(tensors, "head_q.weight", "head_qk", "n_embd")[0] if "head_q.weight" in tensors else 0
 
 
 def _v1_sizes(tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
     _require(tensors, "blocks.0.attn.time_w", "blocks.0.attn.key.weight", "blocks.0.mlp.key.weight")
-    vocab_size, n_embd = tensors["tok_emb.weight"].shape
-    n_head, ctx_len = tensors["blocks.0.attn.time_w"].shape
-    dim_att = int(tensors["blocks.0.attn.key.weight"].shape[0])
-    if dim_att % n_head:
+    vocab_size, n_embd = _dims(tensors, "tok_emb.weight", "vocab_size", "n_embd")
+    n_head, ctx_len = _dims(tensors, "blocks.0.attn.time_w", "n_head", "ctx_len")
+    dim_att = _dims(tensors, "blocks.0.attn.key.weight", "dim_att", "n_embd")[0]
+    if not n_head or dim_att % n_head:
         raise CheckpointError(f"RWKV-1 n_attn={dim_att} is not a multiple of n_head={n_head} (time_w rows)")
-    return dict(n_layer=_layer_count(tensors), n_embd=int(n_embd), vocab_size=int(vocab_size), dim_att=dim_att,
-                dim_ffn=int(tensors["blocks.0.mlp.key.weight"].shape[0]), head_size=dim_att // int(n_head),
-                ctx_len=int(ctx_len), head_qk=_head_qk(tensors))
+    return dict(n_layer=_layer_count(tensors), n_embd=n_embd, vocab_size=vocab_size, dim_att=dim_att,
+                dim_ffn=_dims(tensors, "blocks.0.mlp.key.weight", "dim_ffn", "n_embd")[0],
+                head_size=dim_att // n_head, ctx_len=ctx_len, head_qk=_head_qk(tensors))
 
 
 def _make_config(tensors: Mapping[str, np.ndarray], version: int, sizes: dict[str, Any],
                  overrides: dict[str, Any]) -> RWKVConfig:
-    # The copy_mask buffer's dtype says nothing about the parameters'.
+    # The copy_mask buffer's dtype says nothing about the parameters'. Mixed files, and float64
+    # ones (loaded as float32, see params_from_official), say float32.
     dtypes = {np.dtype(v.dtype) for k, v in tensors.items() if k != COPY_MASK}
-    param_dtype = "bfloat16" if dtypes == {np.dtype(ml_dtypes.bfloat16)} else "float32"
+    param_dtype = _PARAM_DTYPES.get(dtypes.pop(), "float32") if len(dtypes) == 1 else "float32"
     try:
         return RWKVConfig(version=version, param_dtype=param_dtype, **{**sizes, **overrides})
     except ValueError as error:
@@ -322,17 +342,31 @@ def split_time_state(tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.nd
     return params, {k: v for k, v in tensors.items() if k not in params}
 
 
+def split_model_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """`split_time_state` of a file read as a model: CheckpointError if `path` is a state-tuning
+    file (time_state tensors only), which is an initial state, not a model."""
+    params, time_state = split_time_state(tensors)
+    if time_state and not params:
+        raise CheckpointError(f"{os.fspath(path)} holds only state-tuning tensors ('blocks.N.{TIME_STATE}'), "
+                              "no model weights: it is an initial state for a model; read it with "
+                              "rwkv_jax.load_state_pth(path, cfg)")
+    return params, time_state
+
+
 def load_pth(path: str | os.PathLike, **config_overrides: Any) -> tuple[RWKVConfig, Params]:
     """Load an official BlinkDL `.pth` without torch; the config is inferred from the file.
 
-    Returns `(cfg, params)`; parameters keep the file's dtype (bf16 files stay bf16; the model
-    computes in `cfg.dtype`). A state-tuned model's `time_state` tensors are an initial state,
-    not parameters: they are skipped here and read by `rwkv_jax.io.state_files.load_state_pth`.
-    Raises `PthError` for unreadable or unsafe files (including the pickled whole modules of the
-    official RWKV-1 trainer: see the module docstring) and `CheckpointError` for files that are
-    not a consistent RWKV-1..7 state_dict.
+    Returns `(cfg, params)`; float32, bfloat16 and float16 parameters keep the file's dtype, and
+    `cfg.param_dtype` names it when every tensor has it (the model computes in `cfg.dtype`);
+    float64 parameters are cast to float32, as JAX without x64 would hold them anyway. A
+    state-tuned model's `time_state` tensors are an initial state, not parameters: they are skipped
+    here and read by `rwkv_jax.io.state_files.load_state_pth`. Raises `PthError` for unreadable or
+    unsafe files (including the pickled whole modules of the official RWKV-1 trainer: see the
+    module docstring) and `CheckpointError` for files that are not a consistent RWKV-1..7
+    state_dict (naming a state-tuning file as such).
     """
-    tensors, _ = split_time_state(read_pth(path))
+    tensors, _ = split_model_file(read_pth(path), path)
     cfg = infer_config(tensors, **config_overrides)
     return cfg, params_from_official(cfg, tensors)
 
@@ -366,4 +400,4 @@ def save_pth(path: str | os.PathLike, cfg: RWKVConfig, params: Params, state: Ma
 
 
 __all__ = ["CheckpointError", "PthError", "checked_official", "infer_config", "load_pth", "params_from_official",
-           "params_to_official", "save_pth", "split_time_state", "expected_official_shapes"]
+           "params_to_official", "save_pth", "split_model_file", "split_time_state", "expected_official_shapes"]

@@ -16,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from rwkv_jax.config import RWKVConfig
+from rwkv_jax.io.hf import read_json_object
 from rwkv_jax.io.official import CheckpointError, Params, abstract_params
 
 FORMAT_TAG = "rwkv_jax.params"
@@ -25,7 +26,7 @@ PARAMS_DIR = "params"
 
 def is_orbax_params_dir(path: str | os.PathLike) -> bool:
     config_file = Path(path) / CONFIG_FILE
-    return config_file.is_file() and json.loads(config_file.read_text()).get("format") == FORMAT_TAG
+    return config_file.is_file() and read_json_object(config_file).get("format") == FORMAT_TAG
 
 
 def save_params(directory: str | os.PathLike, cfg: RWKVConfig, params: Params) -> None:
@@ -52,9 +53,13 @@ def load_params(directory: str | os.PathLike, **config_overrides: Any) -> tuple[
     if not is_orbax_params_dir(directory):
         raise CheckpointError(f"{directory} is not an rwkv_jax parameter checkpoint "
                               f"(no {CONFIG_FILE} with format {FORMAT_TAG!r})")
-    fields = json.loads((directory / CONFIG_FILE).read_text())
+    fields = read_json_object(directory / CONFIG_FILE)
     fields.pop("format")
-    cfg = RWKVConfig(**{**fields, **config_overrides})
+    try:
+        cfg = RWKVConfig(**fields)
+    except (TypeError, ValueError) as error:  # an unknown field, or a value RWKVConfig refuses
+        raise CheckpointError(f"{directory / CONFIG_FILE} is not a valid RWKVConfig: {error}") from None
+    cfg = cfg.replace(**config_overrides)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(directory / PARAMS_DIR).item_metadata.tree

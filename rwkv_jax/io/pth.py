@@ -20,7 +20,9 @@ records what to build, so a malicious ``data.pkl`` cannot call anything else.
 from __future__ import annotations
 
 import collections
+import copy
 import io
+import math
 import os
 import pickle
 import struct
@@ -55,6 +57,21 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
     "BoolStorage": np.dtype(np.bool_),
 }
 _DTYPE_STORAGES: dict[np.dtype, str] = {dt: name for name, dt in _STORAGE_DTYPES.items()}
+# torch storage classes and dtypes that a genuine checkpoint may name but that we cannot read:
+# they get an "unsupported tensor dtype" error rather than the "forbidden global" of a foreign
+# name, which would read like a security block. The storages' element dtypes, by class name:
+_UNSUPPORTED_STORAGES = {
+    "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128", "QInt8Storage": "qint8",
+    "QUInt8Storage": "quint8", "QInt32Storage": "qint32", "QUInt4x2Storage": "quint4x2",
+    "QUInt2x4Storage": "quint2x4",
+}
+# Tensors of dtypes without a legacy typed storage (torch.storage._new_dtypes()) are pickled as
+# `_rebuild_tensor_v3(<untyped storage>, ..., torch.<dtype>)`; these are the dtype names.
+_V3_DTYPE_NAMES = frozenset({
+    "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+    "float8_e8m0fnu", "float4_e2m1fn_x2", "complex32", "bits1x8", "bits2x4", "bits4x2", "bits8", "bits16",
+    *(f"int{n}" for n in range(1, 8)), *(f"uint{n}" for n in range(1, 8)),
+})
 
 _FORWARD_MODULE_PREFIX = "_forward_module."  # added by Lightning/DeepSpeed wrappers
 
@@ -86,6 +103,14 @@ class _StorageType:
 
     name: str
     dtype: np.dtype
+    __setstate__ = _refuse_build
+
+
+@dataclass(frozen=True)
+class _TorchDtype:
+    """Stand-in for a ``torch.<dtype>`` object: only ever used as a marker."""
+
+    name: str
     __setstate__ = _refuse_build
 
 
@@ -131,6 +156,16 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -
     strides = _int_tuple(stride, "stride")
     if len(shape) != len(strides):
         raise PthError(f"tensor size {shape} and stride {strides} differ in rank")
+    # Only zero or overlapping strides (expand(), as_strided) fit more elements than their storage
+    # holds; a state_dict never needs them, and reading them would let a 1 KB file ask for
+    # gigabytes (each view is materialised as an independent array).
+    numel = math.prod(shape)
+    if numel > storage.numel:
+        raise PthError(
+            f"tensor of size {shape}, stride {strides} has {numel} elements but its storage {storage.key!r} "
+            f"holds only {storage.numel} (a corrupt file, or an expanded or overlapping view: save those "
+            "with .contiguous())"
+        )
     return _TensorRef(storage, storage_offset, shape, strides)
 
 
@@ -147,11 +182,45 @@ def _rebuild_tensor_v2(
     return _rebuild_tensor(storage, storage_offset, size, stride)
 
 
+def _rebuild_tensor_v3(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    backward_hooks: Any,
+    dtype: Any,
+    metadata: Any = None,
+) -> _TensorRef:
+    """Stand-in for ``torch._utils._rebuild_tensor_v3``, which torch uses only for dtypes we cannot hold."""
+    if isinstance(dtype, _TorchDtype):
+        raise PthError(f"unsupported tensor dtype {dtype.name}")
+    raise PthError(f"_rebuild_tensor_v3 dtype must be a torch dtype, got {type(dtype).__name__}")
+
+
 def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> _TensorRef:
     """Stand-in for ``torch._utils._rebuild_parameter`` (a dict holding ``nn.Parameter``s)."""
     if not isinstance(data, _TensorRef):
         raise PthError(f"parameter data must be a tensor, got {type(data).__name__}")
     return data
+
+
+_SIMPLE_ATTRIBUTE_TYPES = (type(None), bool, int, float, str)
+
+
+def _rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks: Any, state: Any) -> _TensorRef:
+    """Stand-in for ``torch._utils._rebuild_parameter_with_state``: an ``nn.Parameter`` carrying
+    Python attributes (fla marks some with ``_no_weight_decay = True``).
+
+    The attributes say nothing about the values, so they are dropped; they are only checked to be
+    a plain dict of simple values (anything built by an allowed global, e.g. a tensor, is refused).
+    """
+    if not (
+        isinstance(state, dict)
+        and all(isinstance(k, str) and type(v) in _SIMPLE_ATTRIBUTE_TYPES for k, v in state.items())
+    ):
+        raise PthError(f"parameter attributes must be a dict of simple values, got {state!r}")
+    return _rebuild_parameter(data, requires_grad, backward_hooks)
 
 
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
@@ -160,7 +229,13 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _AllowedCall(_rebuild_tensor_v2),
     ("torch._utils", "_rebuild_tensor"): _AllowedCall(_rebuild_tensor),
     ("torch._utils", "_rebuild_parameter"): _AllowedCall(_rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _AllowedCall(_rebuild_parameter_with_state),
+    ("torch._utils", "_rebuild_tensor_v3"): _AllowedCall(_rebuild_tensor_v3),
     **{("torch", name): _StorageType(name, dt) for name, dt in _STORAGE_DTYPES.items()},
+    # torch.load reads an untyped storage as bytes; torch.save names one only for the tensors it
+    # pickles with _rebuild_tensor_v3, which are refused.
+    ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", np.dtype(np.uint8)),
+    **{("torch", name): _TorchDtype(name) for name in _V3_DTYPE_NAMES},
 }
 
 
@@ -180,6 +255,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
+            if module == "torch" and name in _UNSUPPORTED_STORAGES:
+                raise PthError(f"unsupported tensor dtype {_UNSUPPORTED_STORAGES[name]} (torch.{name})") from None
             raise PthError(
                 f"refusing to load forbidden global {module}.{name} "
                 "(only tensor-rebuilding globals are allowed)"
@@ -202,9 +279,24 @@ class _Archive:
         self.little_endian = self._read_byteorder()
         self._storages: dict[str, _StorageRef] = {}
 
+    def _open(self, member: zipfile.ZipInfo) -> zipfile.ZipExtFile:
+        """Open a record, checking its CRC-32 unless the writer left it out.
+
+        ``torch.serialization.set_crc32_options(False)`` (torch >= 2.5) stores a CRC of 0 and
+        torch.load skips the check; zipfile skips it only for a ZipInfo without a CRC.
+        """
+        if member.CRC == 0:
+            member = copy.copy(member)
+            del member.CRC
+        return self._zf.open(member)
+
+    def _read(self, name: str) -> bytes:
+        with self._open(self._zf.getinfo(name)) as f:
+            return f.read()
+
     def _read_byteorder(self) -> bool:
         try:
-            order = self._zf.read(self.prefix + "byteorder")
+            order = self._read(self.prefix + "byteorder")
         except KeyError:
             return True  # files from before torch recorded it are little-endian
         if order not in (b"little", b"big"):
@@ -212,7 +304,7 @@ class _Archive:
         return order == b"little"
 
     def load_pickle(self) -> Any:
-        data = self._zf.read(self.prefix + "data.pkl")
+        data = self._read(self.prefix + "data.pkl")
         return _RestrictedUnpickler(io.BytesIO(data), self).load()
 
     def storage_ref(self, pid: Any) -> _StorageRef:
@@ -250,7 +342,7 @@ class _Archive:
         buf = np.empty(ref.member.file_size, np.uint8)
         # Read in chunks straight into the final buffer: zf.read() would hold a second
         # full-size copy of what can be a multi-GB embedding matrix.
-        with self._zf.open(ref.member) as f:
+        with self._open(ref.member) as f:
             pos = 0
             while pos < buf.size:
                 chunk = f.read(min(1 << 24, buf.size - pos))
@@ -333,11 +425,15 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Returns a dict mapping each name (with any ``_forward_module.`` prefix removed)
     to a C-contiguous numpy array; bfloat16 comes back as ``ml_dtypes.bfloat16``.
-    Views, strided and storage-sharing tensors are resolved into independent arrays.
+    Views, strided and storage-sharing tensors are resolved into independent arrays;
+    views with more elements than their storage (``expand()``) are refused. Records
+    are CRC-checked unless saved without CRCs (``set_crc32_options(False)``).
 
     Raises:
         PthError: the file is not a zip torch checkpoint, is truncated or corrupt,
-            names a forbidden pickle global, or is not a flat dict of tensors.
+            names a forbidden pickle global, holds a tensor of a dtype other than
+            those ``write_pth`` supports or an expanded view, or is not a flat dict
+            of tensors.
         OSError: the file cannot be opened.
     """
     path = os.fspath(path)

@@ -50,6 +50,9 @@ def time_state_tensors(cfg: RWKVConfig, state: Mapping[str, Any], batch_index: i
     if kv.ndim != 5 or (kv.shape[0], *kv.shape[2:]) != expected:
         raise CheckpointError(f"state att_kv has shape {kv.shape}, expected [L, B, H, N, N] with "
                               f"(L, H, N, N) = {expected}")
+    batch = kv.shape[1]
+    if not -batch <= batch_index < batch:
+        raise ValueError(f"batch_index {batch_index} is out of range for a state of batch size {batch}")
     # The layout change is its own inverse (a transpose, or nothing for v7).
     return {f"blocks.{layer}.{TIME_STATE}": np.ascontiguousarray(_kv_from_time_state(cfg, kv[layer, batch_index]))
             for layer in range(cfg.n_layer)}
