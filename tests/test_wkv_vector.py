@@ -182,6 +182,24 @@ def test_parallel_gradients_match_oracle(shape, state):
             assert relative_error(grad, grad_ref) <= 1e-4, name
 
 
+@pytest.mark.parametrize("state", ["random", "zero"])
+@pytest.mark.parametrize("with_reset", [False, True])
+def test_parallel_final_log_scale_has_the_oracle_gradient(state, with_reset):
+    # pp on its own: its gradient goes to the key (and decay) that attains the maximum, in
+    # whichever chunk it lies, as the oracle's running maximum's does.
+    k, v, log_decay, u, initial = make_inputs(2, 300, 16, seed=7, key_scale=3.0, state=state)
+    reset = jnp.zeros((2, 300), bool).at[0, 100].set(True) if with_reset else None
+    weights = jnp.cos(jnp.arange(32, dtype=jnp.float32)).reshape(2, 16)
+
+    def pp_gradients(wkv):
+        loss = lambda k, log_decay, initial: jnp.sum(weights * wkv(k, v, log_decay, u, initial, reset=reset)[1][2])
+        return jax.grad(loss, argnums=(0, 1, 2))(k, log_decay, initial)
+
+    grads, grads_ref = pp_gradients(wkv4_parallel), pp_gradients(wkv4_oracle)
+    for grad, grad_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+        assert np.max(np.abs(np.asarray(grad - grad_ref))) <= 1e-5 * max(np.max(np.abs(np.asarray(grad_ref))), 1.0)
+
+
 @pytest.mark.parametrize("key_scale, max_key", [(30.0, 60.0), (60.0, 88.0), (100.0, 200.0)])
 def test_large_keys_stay_finite(key_scale, max_key):
     """e^k overflows fp32 from k ≈ 88.7; the max trick must never exponentiate such a k."""

@@ -261,3 +261,38 @@ def wkv6_parallel(
     y = jnp.swapaxes(y[:, :, :, :chunk_size], 2, 3)  # [B, C, L, H, N]
     y = y.reshape(batch, num_chunks * chunk_size, heads, head_size)
     return y[:, :seq_len], final_state
+
+
+def wkv6_transition(
+    logw: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    reset: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The affine map a stretch of tokens applies to the state it starts from:
+    S_end = diag(decay) S0 + update.
+
+    decay = exp(Σ_t logw_t) (0 if the stretch holds a document start: S0 is then forgotten) and
+    update = Σ_i (k_i ⊙ exp(Σ_{j>i} logw_j)) v_iᵀ over the stretch's last document, the end state
+    from S0 = 0: one matmul, no outputs. The decay after each token is summed from the end rather
+    than as a difference of prefix sums, which would cancel next to a very strong decay (logw of
+    −200). Context parallelism summarises each device's sequence shard with it
+    (`rwkv_jax.wkv.mesh`).
+
+    Args:
+      logw, k, v: `[B, T, H, N]` log-decay (≤ 0), key, value.
+      reset: `[B, T]` bool document starts, or None.
+
+    Returns:
+      decay `[B, H, N]` (acting on the key channels) and update `[B, H, N, N]` ([key, value]), fp32.
+    """
+    logw, k, v = _as_fp32(logw, k, v)
+    from_token = jnp.flip(jnp.cumsum(jnp.flip(logw, 1), axis=1), 1)  # Σ_{j≥i} logw_j
+    after_token = jnp.pad(from_token[:, 1:], ((0, 0), (0, 1), (0, 0), (0, 0)))  # Σ_{j>i}
+    decay = jnp.exp(from_token[:, 0])
+    k_to_end = k * jnp.exp(after_token)
+    if reset is not None:
+        documents = jnp.cumsum(reset, axis=1)  # documents started so far, [B, T]
+        k_to_end = jnp.where((documents == documents[:, -1:])[:, :, None, None], k_to_end, 0.0)
+        decay = jnp.where((documents[:, -1] == 0)[:, None, None], decay, 0.0)
+    return decay, jnp.einsum("bthi,bthj->bhij", k_to_end, v)

@@ -23,10 +23,12 @@ All contractions request ``Precision.HIGHEST`` so that accelerators whose defaul
 rounds through TF32/bf16 still compute the recurrence in fp32.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from rwkv_jax.wkv.scan import associative_scan
+from rwkv_jax.wkv.scan import associative_reduce, associative_scan
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -108,13 +110,6 @@ def wkv7_oracle(
     return jnp.swapaxes(y_time_major, 0, 1), final_state
 
 
-def _to_chunks(x: jax.Array, num_chunks: int, chunk_size: int) -> jax.Array:
-    """``[B, T_padded, H, N]`` -> ``[B, H, num_chunks, chunk_size, N]``."""
-    batch, _, heads, dim = x.shape
-    x = x.reshape(batch, num_chunks, chunk_size, heads, dim)
-    return x.transpose(0, 3, 1, 2, 4)
-
-
 def _forward_substitution(strictly_lower: jax.Array, rhs: jax.Array) -> jax.Array:
     """Solve ``(I - strictly_lower) x = rhs`` row by row (x_t = rhs_t + Σ_{i<t} A[t,i] x_i).
 
@@ -172,6 +167,111 @@ def _solve_unit_lower(strictly_lower: jax.Array, rhs: jax.Array, *,
                                                transpose_a=True, unit_diagonal=True)
 
     return jax.lax.custom_linear_solve(matvec, rhs, solve, transpose_solve)
+
+
+def _chunked(*xs: jax.Array, chunk_size: int) -> tuple[jax.Array, ...]:
+    """``[B, T, H, N]`` arrays -> fp32 ``[B, H, nC, L, N]``, T padded to a multiple of L.
+
+    Identity tokens (r = k = v = a = b = 0, logw = 0) leave the state unchanged, so padding at the
+    end neither alters the real outputs nor the final state.
+    """
+    batch, seq_len, heads, dim = xs[0].shape
+    num_chunks = -(-seq_len // chunk_size)
+    padding = num_chunks * chunk_size - seq_len
+
+    def chunk(x):
+        x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, padding), (0, 0), (0, 0)))
+        return x.reshape(batch, num_chunks, chunk_size, heads, dim).transpose(0, 3, 1, 2, 4)
+
+    return tuple(chunk(x) for x in xs)
+
+
+class _ChunkDecays(NamedTuple):
+    """Cumulative log-decays inside each chunk and the masks that document resets impose.
+
+    incl / excl: λ_t and λ_{t-1} (λ_{-1} = 0), ``[B, H, nC, L, N]``; centre: c = λ_{L/2-1};
+    last: λ_{L-1}, ``[B, H, nC, 1, N]``; undecay_centred: exp(c - λ_t), the "key" side of the
+    pairwise decays. strictly_lower / lower: which (t, i) pairs interact, ``[L, L]`` or with resets
+    ``[B, 1, nC, L, L]`` (same document only); before_first_reset / in_last_document:
+    ``[B, 1, nC, L, 1]`` or None without resets.
+    """
+
+    incl: jax.Array
+    excl: jax.Array
+    centre: jax.Array
+    last: jax.Array
+    undecay_centred: jax.Array
+    strictly_lower: jax.Array
+    lower: jax.Array
+    before_first_reset: jax.Array | None
+    in_last_document: jax.Array | None
+
+
+def _chunk_decays(logw: jax.Array, reset: jax.Array | None, seq_len: int) -> _ChunkDecays:
+    """`_ChunkDecays` for chunked ``logw [B, H, nC, L, N]`` and ``reset [B, T]`` (or None)."""
+    batch, _, num_chunks, chunk_size, _ = logw.shape
+    # Inclusive λ_t and exclusive λ_{t-1}, by shifting rather than subtracting so that λ_{t-1}
+    # carries no extra rounding.
+    incl = jnp.cumsum(logw, axis=-2)
+    excl = jnp.pad(incl[..., :-1, :], ((0, 0),) * 3 + ((1, 0), (0, 0)))
+    # c = λ_{L/2-1} puts λ_{-1} and λ_{L-1} at most L/2 steps away, bounding every exponent.
+    centre = excl[..., chunk_size // 2 : chunk_size // 2 + 1, :]
+    strictly_lower = jnp.tril(jnp.ones((chunk_size, chunk_size), dtype=bool), k=-1)
+    lower = jnp.tril(jnp.ones((chunk_size, chunk_size), dtype=bool))
+    before_first_reset = in_last_document = None
+    if reset is not None:
+        reset = jnp.pad(reset, ((0, 0), (0, num_chunks * chunk_size - seq_len)))
+        reset = reset.reshape(batch, 1, num_chunks, chunk_size)
+        documents = jnp.cumsum(reset, axis=-1)[..., None]  # documents started so far, [B, 1, nC, L, 1]
+        same_document = documents == jnp.swapaxes(documents, -1, -2)  # [B, 1, nC, L, L]
+        strictly_lower, lower = strictly_lower & same_document, lower & same_document
+        before_first_reset = documents == 0
+        in_last_document = documents == documents[..., -1:, :]
+    return _ChunkDecays(incl, excl, centre, incl[..., -1:, :], jnp.exp(centre - incl), strictly_lower, lower,
+                        before_first_reset, in_last_document)
+
+
+def _pairwise(queries: jax.Array, keys: jax.Array, mask: jax.Array) -> jax.Array:
+    """``[.., L, N] x [.., L, N] -> [.., L, L]``; masked entries may be huge but are finite."""
+    return jnp.where(mask, _einsum("...tc,...ic->...ti", queries, keys), 0.0)
+
+
+def _chunk_maps(decays: _ChunkDecays, k: jax.Array, v: jax.Array, a: jax.Array, b: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Pass 1 of the chunked form (see `wkv7_parallel`), all chunks at once, from chunked inputs.
+
+    Returns (P, U, Za, Zv): each chunk's affine map S_end = S0 P + U (P ``[B, H, nC, N(key),
+    N(key)]``, U ``[B, H, nC, N(value), N(key)]``) and the solved rows sa = Za S0ᵀ + Zv
+    (``[B, H, nC, L, N]`` each) that pass 2 reads the outputs with.
+    """
+    dim = k.shape[-1]
+    a_decayed_centred = a * jnp.exp(decays.excl - decays.centre)
+    b_tilde = _pairwise(a_decayed_centred, b * decays.undecay_centred, decays.strictly_lower)
+    k_tilde = _pairwise(a_decayed_centred, k * decays.undecay_centred, decays.strictly_lower)
+
+    # One unit-lower-triangular solve with both right-hand sides.
+    a_from_start = a * jnp.exp(decays.excl)  # Xa: reads the chunk's start state
+    if decays.before_first_reset is not None:
+        a_from_start = jnp.where(decays.before_first_reset, a_from_start, 0.0)
+    k_tilde_v = _einsum("...ti,...in->...tn", k_tilde, v)
+    solved = _solve_unit_lower(b_tilde, jnp.concatenate([a_from_start, k_tilde_v], axis=-1))
+    sa_from_start, sa_from_chunk = solved[..., :dim], solved[..., dim:]  # Za, Zv
+
+    decay_to_end = jnp.exp(decays.last - decays.incl)
+    b_to_end = b * decay_to_end
+    k_to_end = k * decay_to_end
+    decay_over_chunk = jnp.exp(decays.last[..., 0, :])  # diagonal of D, [B, H, nC, N]
+    if decays.in_last_document is not None:
+        b_to_end = jnp.where(decays.in_last_document, b_to_end, 0.0)
+        k_to_end = jnp.where(decays.in_last_document, k_to_end, 0.0)
+        decay_over_chunk = jnp.where(decays.before_first_reset[..., -1, :], decay_over_chunk, 0.0)
+    chunk_p = decay_over_chunk[..., :, None] * jnp.eye(dim, dtype=jnp.float32) + _einsum(
+        "...tc,...tj->...cj", sa_from_start, b_to_end
+    )
+    chunk_u = _einsum("...ti,...tj->...ij", sa_from_chunk, b_to_end) + _einsum(
+        "...ti,...tj->...ij", v, k_to_end
+    )
+    return chunk_p, chunk_u, sa_from_start, sa_from_chunk
 
 
 def _compose_chunk_maps(earlier, later):
@@ -247,77 +347,10 @@ def wkv7_parallel(
     """
     batch, seq_len, heads, dim = r.shape
     chunk_size = max(1, min(chunk_size, seq_len))
-    num_chunks = -(-seq_len // chunk_size)
-    padded_len = num_chunks * chunk_size
-
-    # Identity tokens (r = k = v = a = b = 0, logw = 0) leave the state unchanged, so padding at
-    # the end neither alters the real outputs nor the final state.
-    def prepare(x):
-        x = x.astype(jnp.float32)
-        x = jnp.pad(x, ((0, 0), (0, padded_len - seq_len), (0, 0), (0, 0)))
-        return _to_chunks(x, num_chunks, chunk_size)
-
-    # All [B, H, nC, L, N].
-    r, logw, k, v, a, b = (prepare(x) for x in (r, logw, k, v, a, b))
+    r, logw, k, v, a, b = _chunked(r, logw, k, v, a, b, chunk_size=chunk_size)  # all [B, H, nC, L, N]
     state = state.astype(jnp.float32)
-
-    # Cumulative log-decays: inclusive λ_t and exclusive λ_{t-1} (λ_{-1} = 0), by shifting rather
-    # than subtracting so that λ_{t-1} carries no extra rounding.
-    log_decay_incl = jnp.cumsum(logw, axis=-2)
-    log_decay_excl = jnp.pad(log_decay_incl[..., :-1, :], ((0, 0),) * 3 + ((1, 0), (0, 0)))
-    # c = λ_{L/2-1} puts λ_{-1} and λ_{L-1} at most L/2 steps away, bounding every exponent below.
-    centre = log_decay_excl[..., chunk_size // 2 : chunk_size // 2 + 1, :]
-    log_decay_last = log_decay_incl[..., -1:, :]
-
-    # Centred factors of d_{t,i}: the "query" side carries exp(λ_t - c), the "key" side
-    # exp(c - λ_i).
-    a_decayed_centred = a * jnp.exp(log_decay_excl - centre)
-    r_decayed_centred = r * jnp.exp(log_decay_incl - centre)
-    undecay_centred = jnp.exp(centre - log_decay_incl)
-    b_undecayed_centred = b * undecay_centred
-    k_undecayed_centred = k * undecay_centred
-
-    strictly_lower = jnp.tril(jnp.ones((chunk_size, chunk_size), dtype=bool), k=-1)
-    lower = jnp.tril(jnp.ones((chunk_size, chunk_size), dtype=bool))
-    if reset is not None:
-        reset = jnp.pad(reset, ((0, 0), (0, padded_len - seq_len))).reshape(batch, 1, num_chunks, chunk_size)
-        documents = jnp.cumsum(reset, axis=-1)[..., None]  # documents started so far, [B, 1, nC, L, 1]
-        same_document = documents == jnp.swapaxes(documents, -1, -2)  # [B, 1, nC, L, L]
-        strictly_lower, lower = strictly_lower & same_document, lower & same_document
-        before_first_reset = documents == 0
-        in_last_document = documents == documents[..., -1:, :]
-
-    def pairwise(queries, keys, mask):
-        # [.., L, N] x [.., L, N] -> [.., L, L]; masked entries may be huge but are finite.
-        return jnp.where(mask, _einsum("...tc,...ic->...ti", queries, keys), 0.0)
-
-    b_tilde = pairwise(a_decayed_centred, b_undecayed_centred, strictly_lower)
-    k_tilde = pairwise(a_decayed_centred, k_undecayed_centred, strictly_lower)
-    r_b = pairwise(r_decayed_centred, b_undecayed_centred, lower)
-    r_k = pairwise(r_decayed_centred, k_undecayed_centred, lower)
-
-    # Pass 1, all chunks at once: one unit-lower-triangular solve with both right-hand sides.
-    a_from_start = a * jnp.exp(log_decay_excl)  # Xa: reads the chunk's start state
-    if reset is not None:
-        a_from_start = jnp.where(before_first_reset, a_from_start, 0.0)
-    k_tilde_v = _einsum("...ti,...in->...tn", k_tilde, v)
-    solved = _solve_unit_lower(b_tilde, jnp.concatenate([a_from_start, k_tilde_v], axis=-1))
-    sa_from_start, sa_from_chunk = solved[..., :dim], solved[..., dim:]  # Za, Zv
-
-    decay_to_end = jnp.exp(log_decay_last - log_decay_incl)
-    b_to_end = b * decay_to_end
-    k_to_end = k * decay_to_end
-    decay_over_chunk = jnp.exp(log_decay_last[..., 0, :])  # diagonal of D, [B, H, nC, N]
-    if reset is not None:
-        b_to_end = jnp.where(in_last_document, b_to_end, 0.0)
-        k_to_end = jnp.where(in_last_document, k_to_end, 0.0)
-        decay_over_chunk = jnp.where(before_first_reset[..., -1, :], decay_over_chunk, 0.0)
-    chunk_p = decay_over_chunk[..., :, None] * jnp.eye(dim, dtype=jnp.float32) + _einsum(
-        "...tc,...tj->...cj", sa_from_start, b_to_end
-    )  # [B, H, nC, N(key), N(key)]
-    chunk_u = _einsum("...ti,...tj->...ij", sa_from_chunk, b_to_end) + _einsum(
-        "...ti,...tj->...ij", v, k_to_end
-    )  # [B, H, nC, N(value), N(key)]
+    decays = _chunk_decays(logw, reset, seq_len)
+    chunk_p, chunk_u, sa_from_start, sa_from_chunk = _chunk_maps(decays, k, v, a, b)
 
     # Prepend the constant map S -> state (P = 0, U = state): the inclusive scan then yields the
     # state at every chunk boundary, from the initial state (index 0) to the final one (index nC).
@@ -330,9 +363,12 @@ def wkv7_parallel(
     final_state = boundary_states[:, :, -1]
 
     # Pass 2, all chunks at once.
-    r_from_start = r * jnp.exp(log_decay_incl)  # Xr
-    if reset is not None:
-        r_from_start = jnp.where(before_first_reset, r_from_start, 0.0)
+    r_decayed_centred = r * jnp.exp(decays.incl - decays.centre)
+    r_b = _pairwise(r_decayed_centred, b * decays.undecay_centred, decays.lower)
+    r_k = _pairwise(r_decayed_centred, k * decays.undecay_centred, decays.lower)
+    r_from_start = r * jnp.exp(decays.incl)  # Xr
+    if decays.before_first_reset is not None:
+        r_from_start = jnp.where(decays.before_first_reset, r_from_start, 0.0)
     sa = _einsum("...tc,...ic->...ti", sa_from_start, start_states) + sa_from_chunk
     y = (
         _einsum("...tc,...ic->...ti", r_from_start, start_states)
@@ -340,5 +376,37 @@ def wkv7_parallel(
         + _einsum("...ti,...in->...tn", r_k, v)
     )  # [B, H, nC, L, N]
 
-    y = y.transpose(0, 2, 3, 1, 4).reshape(batch, padded_len, heads, dim)
+    y = y.transpose(0, 2, 3, 1, 4).reshape(batch, -1, heads, dim)
     return y[:, :seq_len], final_state
+
+
+def wkv7_transition(
+    logw: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    chunk_size: int = 32,
+    reset: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The affine map a stretch of tokens applies to the state it starts from: S_end = S0 P + U.
+
+    P is the product of the tokens' transitions diag(w_t) + a_t b_tᵀ (zero before a document
+    start, i.e. after one of them the stretch forgets S0) and U the end state from S0 = 0. Built
+    from `wkv7_parallel`'s chunk maps (pass 1 only: no outputs, no r) composed in log₂(T/L)
+    rounds; the same decay precondition (logw ≥ -0.6066 at L = 32). Context parallelism
+    summarises each device's sequence shard with it (`rwkv_jax.wkv.mesh`).
+
+    Args:
+      logw, k, v, a, b: ``[B, T, H, N]``.
+      chunk_size: L, capped at T.
+      reset: ``[B, T]`` bool document starts, or None.
+
+    Returns:
+      ``(P, U)``: P ``[B, H, N(key), N(key)]``, U ``[B, H, N(value), N(key)]``, fp32.
+    """
+    seq_len = logw.shape[1]
+    logw, k, v, a, b = _chunked(logw, k, v, a, b, chunk_size=max(1, min(chunk_size, seq_len)))
+    chunk_p, chunk_u, _, _ = _chunk_maps(_chunk_decays(logw, reset, seq_len), k, v, a, b)
+    stretch_p, stretch_u = associative_reduce(_compose_chunk_maps, (chunk_p, chunk_u), axis=2)
+    return stretch_p[:, :, 0], stretch_u[:, :, 0]

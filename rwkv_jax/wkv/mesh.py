@@ -16,18 +16,20 @@ where U is the end state reached from the zero state and M, the product of the s
 transitions, does not depend on v (RWKV-4: a per-channel decay; RWKV-5/6: a per-key-channel
 decay; RWKV-7: an N×N matrix). Each device
 
-1. summarises its shard as (M, U): U by running the WKV form from the zero state, M in closed
-   form for v4-v6 and, for v7, by the same run on v = 0 from the identity state (the two runs
-   share one call on a doubled batch);
+1. summarises its shard as (M, U) straight from its tokens, without running the WKV form
+   (`wkv4_transition`, `wkv6_transition`: one pass of sums / one matmul; RWKV-7's
+   `wkv7_transition`: the chunked form's chunk maps, composed);
 2. all-gathers the D summaries (D·B·H·N² values, not the tokens) and composes those before it
    with the initial state into its own start state; every device composes all D into the final
    state, so the final state is the same on every device;
 3. runs the WKV form from its start state for its outputs y.
 
-The WKV form is whichever one the model chose (oracle, parallel or a Pallas kernel), unchanged:
-per device that is two passes over T/D tokens (v7: a doubled batch in the first) instead of one
-over T, plus O(D) state compositions. Gradients flow through `jax.shard_map` and the all-gather
-(whose transpose is a reduce-scatter) into every input, including the initial state.
+The WKV form is whichever one the model chose (oracle, parallel or a Pallas kernel), unchanged,
+and runs once per device over T/D tokens; the summary adds about a third of a parallel-form pass
+for v4-v6 and two thirds for v7, plus O(D) state compositions. Gradients flow through
+`jax.shard_map` and the all-gather (whose transpose is a reduce-scatter) into every input,
+including the initial state. RWKV-7's summary assumes the model's decay bound (see
+`wkv7_parallel`), whichever form runs.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec
 
-from rwkv_jax.wkv.vector import EMPTY_LOG_SCALE
+from rwkv_jax.wkv.diag import wkv6_transition
+from rwkv_jax.wkv.dplr import wkv7_transition
+from rwkv_jax.wkv.vector import wkv4_transition
 
 Array = jax.Array
 
@@ -101,8 +105,8 @@ def token_spec(batch_size: int, seq_len: int) -> PartitionSpec:
 class ShardTransition:
     """How a family's recurrence maps a shard's start state to its end state.
 
-    summarize(form, per_token, params, state, reset) -> (M, U): the shard's transition and its
-      end state from the zero state (`state` gives shapes and the batch); `form` is the WKV form.
+    summarize(per_token, params, reset) -> (M, U): the shard's transition and its end state from
+      the zero state, computed from the shard's tokens without running a WKV form.
     apply(M, U, state) -> M(state) + U.
     """
 
@@ -110,39 +114,17 @@ class ShardTransition:
     apply: Callable[[Any, Any, Any], Any]
 
 
-def _reset_option(reset: Array | None) -> dict[str, Array]:
-    return {} if reset is None else {"reset": reset}
-
-
-def _any_reset(reset: Array | None, batch: int) -> Array:
-    """`[B]` whether each row starts a document inside the shard (its start state is then lost)."""
-    return jnp.zeros((batch,), bool) if reset is None else jnp.any(reset, axis=1)
-
-
-def _diag_summarize(form, per_token, params, state, reset):
-    logw = per_token[1]
-    _, end_from_zero = form(*per_token, *params, jnp.zeros(state.shape, jnp.float32), **_reset_option(reset))
-    decay = jnp.exp(jnp.sum(logw.astype(jnp.float32), axis=1))  # [B, H, N]
-    decay = jnp.where(_any_reset(reset, logw.shape[0])[:, None, None], 0.0, decay)
-    return decay, end_from_zero
+def _diag_summarize(per_token, params, reset):
+    _, logw, k, v = per_token
+    return wkv6_transition(logw, k, v, reset)
 
 
 def _diag_apply(decay, end_from_zero, state):
     return decay[..., None] * state + end_from_zero  # state [key, value]: decays act on keys
 
 
-def _dplr_summarize(form, per_token, params, state, reset):
-    batch, size = state.shape[0], state.shape[-1]
-    # One call on [real v from the zero state; v = 0 from the identity]: the second row block
-    # ends in the transition matrix itself.
-    value_index = 3  # (r, logw, k, v, a, b)
-    doubled = tuple(jnp.concatenate([x, jnp.zeros_like(x) if i == value_index else x])
-                    for i, x in enumerate(per_token))
-    identity = jnp.broadcast_to(jnp.eye(size, dtype=jnp.float32), state.shape)
-    starts = jnp.concatenate([jnp.zeros(state.shape, jnp.float32), identity])
-    doubled_reset = None if reset is None else jnp.concatenate([reset, reset])
-    _, ends = form(*doubled, *params, starts, **_reset_option(doubled_reset))
-    return ends[batch:], ends[:batch]
+def _dplr_summarize(per_token, params, reset):
+    return wkv7_transition(*per_token[1:], reset=reset)  # (r, logw, k, v, a, b): r is not needed
 
 
 def _dplr_apply(transition, end_from_zero, state):
@@ -151,16 +133,8 @@ def _dplr_apply(transition, end_from_zero, state):
                       precision=jax.lax.Precision.HIGHEST) + end_from_zero
 
 
-def _vector_summarize(form, per_token, params, state, reset):
-    k = per_token[0]
-    log_decay = params[0]
-    aa = state[0]
-    zero = (jnp.zeros(aa.shape, jnp.float32), jnp.zeros(aa.shape, jnp.float32),
-            jnp.full(aa.shape, EMPTY_LOG_SCALE, jnp.float32))
-    _, end_from_zero = form(*per_token, *params, zero, **_reset_option(reset))
-    log_transition = jnp.broadcast_to(k.shape[1] * log_decay.astype(jnp.float32), aa.shape)  # [B, C]
-    log_transition = jnp.where(_any_reset(reset, k.shape[0])[:, None], -jnp.inf, log_transition)
-    return log_transition, end_from_zero
+def _vector_summarize(per_token, params, reset):
+    return wkv4_transition(*per_token, params[0], reset)
 
 
 def _vector_apply(log_transition, end_from_zero, state):
@@ -200,7 +174,7 @@ def context_parallel_wkv(form: Callable, transition: ShardTransition, per_token:
     state_spec = jax.tree.map(lambda _: PartitionSpec(tokens[0]), state)
 
     def per_shard(per_token, params, state, reset):
-        summary = transition.summarize(form, per_token, params, state, reset)
+        summary = transition.summarize(per_token, params, reset)
         gathered = jax.lax.all_gather(summary, SEQ_AXIS)  # leading axis: the D shards
         starts, current = [], state
         for shard in range(shards):
@@ -208,7 +182,7 @@ def context_parallel_wkv(form: Callable, transition: ShardTransition, per_token:
             current = transition.apply(*jax.tree.map(lambda x, shard=shard: x[shard], gathered), current)
         position = jax.lax.axis_index(SEQ_AXIS)
         start = jax.tree.map(lambda *xs: jnp.stack(xs)[position], *starts)
-        y, _ = form(*per_token, *params, start, **_reset_option(reset))
+        y, _ = form(*per_token, *params, start, **({} if reset is None else {"reset": reset}))
         return y, current
 
     run = jax.shard_map(

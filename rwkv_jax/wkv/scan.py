@@ -53,6 +53,27 @@ def associative_scan(combine: Callable[[Any, Any], Any], elems: Any, axis: int =
     return jax.tree.unflatten(tree, scan(leaves))
 
 
+def associative_reduce(combine: Callable[[Any, Any], Any], elems: Any, axis: int = 0) -> Any:
+    """`elems[0] ∘ ... ∘ elems[n-1]` along `axis` (kept, with length 1) by pairwise combines.
+
+    The last entry of `associative_scan` for half its combines: n − 1 in log₂ n rounds (an odd
+    entry out waits for the next round). Same `combine` and `elems` contract as `associative_scan`.
+    """
+    leaves, tree = jax.tree.flatten(elems)
+
+    def take(xs: list, start: int, stop: int, stride: int = 1) -> Any:
+        return jax.tree.unflatten(tree, [jax.lax.slice_in_dim(x, start, stop, stride, axis) for x in xs])
+
+    while leaves[0].shape[axis] > 1:
+        n = leaves[0].shape[axis]
+        paired = jax.tree.leaves(combine(take(leaves, 0, n - 1, 2), take(leaves, 1, n, 2)))
+        if n % 2:
+            paired = [jnp.concatenate([x, jax.lax.slice_in_dim(y, n - 1, n, axis=axis)], axis)
+                      for x, y in zip(paired, leaves)]
+        leaves = paired
+    return jax.tree.unflatten(tree, leaves)
+
+
 def _interleave(even: jax.Array, odd: jax.Array, n: int, axis: int) -> jax.Array:
     """[e0, o0, e1, o1, ...] along `axis`, `n` entries (even has ceil(n/2), odd floor(n/2))."""
     if odd.shape[axis] < even.shape[axis]:

@@ -104,6 +104,33 @@ def log_space_step(carry: State, kv: tuple[Array, Array], log_decay: Array, u: A
     return _merge(p + log_decay, a, b, k, v, jnp.ones_like(v)), y
 
 
+def _stretch_sums(k: Array, v: Array, log_decay: Array, reset: Array | None) -> State:
+    """The sums a stretch of n tokens leaves from the zero state, as a max-trick triple (p, a, b).
+
+    Token i has decayed n−1−i times by the end, so with z_i = k_i + (n−1−i)·w: p = max_i z_i,
+    a = Σ e^{z_i − p} v_i, b = Σ e^{z_i − p}, over the stretch's last document only (`reset`).
+    `k, v [..., n, A]`, `reset [..., n]` or None; returns p, a, b `[..., A]`.
+
+    p is the stretch's largest exponent, as the oracle's running maximum pp ends up (and with
+    its gradient: into the token that attains it), taken at the argmax rather than by `jnp.max`,
+    whose gradient divides by the count of elements equal to the max, which XLA can make 0 by
+    rounding z differently in two fusions. a·e^p and b·e^p do not depend on p. (einsum for the
+    weighted sum: XLA:CPU reduces sum(x * y) over a middle axis several times slower.)
+    """
+    n = k.shape[-2]
+    z = k + jnp.arange(n - 1, -1, -1, dtype=jnp.float32)[:, None] * log_decay
+    if reset is not None:
+        documents = jnp.cumsum(reset, axis=-1)  # documents started so far in the stretch
+        in_last = (documents == documents[..., -1:])[..., None]  # [..., n, 1]
+        # The stretch's last token is always in its last document, so p is finite.
+        z = jnp.where(in_last, z, EMPTY_LOG_SCALE)
+    largest = jnp.argmax(jax.lax.stop_gradient(z), axis=-2, keepdims=True)
+    p = jnp.take_along_axis(z, largest, axis=-2)
+    e = jnp.exp(z - p)  # exactly 0 outside the last document: e^(-1e30 - p)
+    p = p[..., 0, :]
+    return p, jnp.einsum("...la,...la->...a", e, v), jnp.sum(e, axis=-2)
+
+
 def wkv4_parallel(k: Array, v: Array, log_decay: Array, u: Array, state: State, reset: Array | None = None
                   ) -> tuple[Array, State]:
     """Chunked parallel form; same contract as `wkv4_oracle`, O(T·A) memory.
@@ -130,9 +157,9 @@ def wkv4_parallel(k: Array, v: Array, log_decay: Array, u: Array, state: State, 
     document, a segment that contains a reset replaces everything before it in the scan (a
     select, never a -inf log-scale), and the walk clears its carry before a reset token.
 
-    The returned state has the oracle's values (pp is the largest exponent). Its gradients agree
-    with the oracle's through what the state means, the sums aa·e^pp and bb·e^pp (all that y of a
-    later call depends on); pp alone is a scale and its own gradient can differ.
+    The returned state has the oracle's values and gradients, pp's own included (pp is the largest
+    exponent, and its gradient goes to the token that attains it, as the oracle's running maximum's
+    does; ties aside).
     """
     k, v = k.astype(jnp.float32), v.astype(jnp.float32)
     aa, bb, pp = state
@@ -145,23 +172,11 @@ def wkv4_parallel(k: Array, v: Array, log_decay: Array, u: Array, state: State, 
     kc, vc = (jnp.pad(x, ((0, 0), (0, padding), (0, 0))).reshape(batch, num_chunks, size, channels)
               for x in (k, v))
 
-    # 1. Chunk summaries. p only sets the scale of the triple: a·e^p and b·e^p are exact functions
-    #    of z whatever p is, so it needs no gradient. (`jnp.max`'s gradient divides by the count
-    #    of elements equal to the max, which XLA can make 0 by rounding z differently in two
-    #    fusions. einsum for the weighted sum: XLA:CPU reduces sum(x * y) over a middle axis
-    #    several times slower.)
-    z = kc + jnp.arange(size - 1, -1, -1, dtype=jnp.float32)[:, None] * log_decay
-    if reset is None:
-        p_chunk = jax.lax.stop_gradient(jnp.max(z, axis=2))
-        e = jnp.exp(z - p_chunk[:, :, None])
-    else:
+    # 1. Chunk summaries.
+    reset_c = None
+    if reset is not None:
         reset_c = jnp.pad(reset, ((0, 0), (0, padding))).reshape(batch, num_chunks, size)
-        documents = jnp.cumsum(reset_c, axis=2)  # documents started so far in the chunk
-        in_last = (documents == documents[:, :, -1:])[..., None]  # [B, chunks, L, 1]
-        # Only the chunk's last document counts; its last token is always in it, so p is finite.
-        p_chunk = jax.lax.stop_gradient(jnp.max(jnp.where(in_last, z, EMPTY_LOG_SCALE), axis=2))
-        e = jnp.where(in_last, jnp.exp(jnp.where(in_last, z - p_chunk[:, :, None], 0.0)), 0.0)
-    summaries = (p_chunk, jnp.einsum("bcla,bcla->bca", e, vc), jnp.sum(e, axis=2))
+    summaries = _stretch_sums(kc, vc, log_decay, reset_c)
 
     # 2. State before each chunk: inclusive scan over [initial state, chunks 0 … C−2] (nothing
     #    follows the last chunk, so its summary is not needed).
@@ -207,6 +222,28 @@ def wkv4_parallel(k: Array, v: Array, log_decay: Array, u: Array, state: State, 
     (p, a, b), y = jax.lax.scan(walk, tuple(starts), walked)
     y = jnp.moveaxis(y, 0, 2).reshape(batch, num_chunks * size, channels)[:, :seq_len]
     return y, (a[:, -1], b[:, -1], p[:, -1])
+
+
+def wkv4_transition(k: Array, v: Array, log_decay: Array, reset: Array | None = None
+                    ) -> tuple[Array, State]:
+    """What a stretch of tokens does to the state it starts from, in log space: the start sums
+    decay by the log factor T·w (−inf if the stretch holds a document start: they are forgotten)
+    and the stretch's own sums (its end state from the zero state, `(aa, bb, pp)`) are added.
+    One pass of sums over the tokens, no outputs; context parallelism summarises each device's
+    sequence shard with it (`rwkv_jax.wkv.mesh`).
+
+    Args:
+      k, v: `[B, T, A]`; log_decay: `[A]`; reset: `[B, T]` bool document starts, or None.
+
+    Returns:
+      log_transition `[B, A]` and the end state from zero `(aa, bb, pp)`, each `[B, A]` fp32.
+    """
+    k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+    pp, aa, bb = _stretch_sums(k, v, log_decay, reset)
+    log_transition = jnp.broadcast_to(k.shape[1] * log_decay.astype(jnp.float32), aa.shape)
+    if reset is not None:
+        log_transition = jnp.where(jnp.any(reset, axis=1)[:, None], -jnp.inf, log_transition)
+    return log_transition, (aa, bb, pp)
 
 
 def zero_state(batch_size: int, channels: int) -> State:
