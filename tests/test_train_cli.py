@@ -5,13 +5,16 @@ the last good checkpoint stays intact and loadable (and `eval` scores it), and t
 from __future__ import annotations
 
 import json
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import rwkv_jax as rj
 from helpers import random_params
 from rwkv_jax.cli import main
+from rwkv_jax.train import optim
 from rwkv_jax.train.checkpoint import Checkpointer
 from rwkv_jax.train.config import ConfigError, TrainConfig
 from rwkv_jax.train.data import builtin_corpus_path
@@ -40,7 +43,7 @@ def test_usage_errors_exit_with_status_2(tmp_path, capsys):
 
 
 def test_fine_tuning_then_a_non_finite_step_stops_with_a_message_and_keeps_the_last_good_checkpoint(
-        tmp_path, capsys):
+        tmp_path, capsys, monkeypatch):
     # Fine-tune a "ported" model: an official-format .pth with non-default weights.
     ported_cfg = rj.RWKVConfig(version=4, n_layer=2, n_embd=64, vocab_size=256)
     ported = random_params(ported_cfg, seed=3)
@@ -60,8 +63,10 @@ def test_fine_tuning_then_a_non_finite_step_stops_with_a_message_and_keeps_the_l
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b))
     capsys.readouterr()
 
-    # An infinite learning rate makes the first resumed update non-finite (as a loss spike would).
-    assert main(["train", "--resume", *common, "lr=inf", "save_every=1"]) == 1
+    # An infinite learning rate (which the config refuses, so it is patched into the optimiser)
+    # makes the first resumed update non-finite, as a loss spike would.
+    monkeypatch.setattr(optim, "lr_schedule", lambda cfg: lambda step: jnp.inf)
+    assert main(["train", "--resume", *common, "save_every=1"]) == 1
     err = capsys.readouterr().err
     assert "non-finite training state at step 5" in err and "last good checkpoint is step 4" in err
 
@@ -105,3 +110,14 @@ def test_metrics_go_to_jsonl_and_to_tensorboard_event_files(tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [{"step": 10, "loss": 2.5, "lr": 1e-3},
                                                      {"event": "resume", "step": 10}]
+
+
+def test_a_resumed_run_forgets_what_was_logged_after_its_checkpoint(tmp_path):
+    # Stopped at 6 (a partial window 5-6), resumed, killed after logging 8 and 9 unsaved.
+    before = [{"step": 4, "loss": 2.0}, {"step": 6, "val_loss": 1.9}, {"step": 6, "loss": 1.8, "partial": True},
+              {"event": "resume", "step": 6}, {"step": 8, "loss": 1.7}, {"step": 9, "val_loss": 1.6}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in before))
+    log = MetricsLog(tmp_path, rewind_to=6)            # resuming from the step-6 checkpoint again
+    log.close()
+    after = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert after == [before[0], before[1], before[3]]

@@ -3,6 +3,8 @@ schedule, the AdamW update rule, and L2Wrap's gradient (spec §2.4, §6.9, §9.9
 
 from __future__ import annotations
 
+import math
+
 import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
@@ -62,16 +64,44 @@ def test_adam_eps_and_schedule_defaults_per_version():
     assert TrainConfig(version=7).resolved().schedule == "cosine"
 
 
+def official_lr(step: int, lr_init: float, lr_final: float, warmup: int, total: int, floor: float,
+                schedule: str) -> float:
+    """The official trainers' lr at 0-based `step` (`global_step` at `on_train_batch_start`), with
+    `total` = epoch_count·epoch_steps: RWKV-v4neo/v5 `trainer.py` for "exp" (linear when
+    lr_final is 0), the `my_exit_tokens` branch of v5/v7 for "cosine"."""
+    if schedule == "exp":
+        progress = min(1.0, max(0.0, (step - warmup + 1) / (total - warmup)))
+        if lr_final == 0:
+            lr = lr_init + (lr_final - lr_init) * progress
+        else:
+            lr = lr_init * math.exp(math.log(lr_final / lr_init) * progress)
+    else:
+        progress = min(1.0, max(0.0, (step - warmup) / (total - warmup)))
+        factor = lr_final / lr_init
+        lr = lr_init * ((0.5 + factor / 2) + (0.5 - factor / 2) * math.cos(math.pi * progress))
+    if step < warmup:
+        lr = lr * (floor + (1 - floor) * step / warmup)
+    return lr
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "exp"])
-def test_schedule_warms_up_then_decays_to_lr_final(schedule):
-    cfg = TrainConfig(version=7, lr=1e-3, lr_final=1e-5, warmup_steps=10, steps=110, schedule=schedule)
+@pytest.mark.parametrize("lr_final", [1e-5, 0.0])
+def test_schedule_is_the_official_one_at_every_step(schedule, lr_final):
+    cfg = TrainConfig(version=7, lr=1e-3, lr_final=lr_final, warmup_steps=10, steps=110, schedule=schedule)
     lr = lr_schedule(cfg)
-    np.testing.assert_allclose(float(lr(0)), 1e-3 * 0.01, rtol=1e-6)            # official x(0.01 + 0.99 s/W)
-    np.testing.assert_allclose(float(lr(5)), 1e-3 * (0.01 + 0.99 * 0.5), rtol=1e-6)
-    np.testing.assert_allclose(float(lr(10)), 1e-3, rtol=1e-6)
-    np.testing.assert_allclose(float(lr(110)), 1e-5, rtol=1e-5)
-    middle = 0.5 * (1e-3 + 1e-5) if schedule == "cosine" else (1e-3 * 1e-5) ** 0.5
-    np.testing.assert_allclose(float(lr(60)), middle, rtol=1e-5)
+    ours = [float(lr(step)) for step in range(cfg.steps)]
+    official = [official_lr(step, 1e-3, lr_final, 10, 110, 0.01, schedule) for step in range(cfg.steps)]
+    np.testing.assert_allclose(ours, official, rtol=2e-5, atol=1e-9)     # fp32 near 0
+    np.testing.assert_allclose(ours[0], 1e-3 * 0.01, rtol=1e-6)                # official x(0.01 + 0.99 s/W)
+    np.testing.assert_allclose(ours[5], 1e-3 * (0.01 + 0.99 * 0.5), rtol=1e-6)
+    if schedule == "exp":      # the official +1: lr_final on the last step, halfway 50 steps after warm-up
+        np.testing.assert_allclose(ours[109], lr_final, rtol=1e-5)
+        halfway = 0.5e-3 if lr_final == 0 else (1e-3 * lr_final) ** 0.5      # linear decay to 0
+        np.testing.assert_allclose(ours[59], halfway, rtol=1e-5)
+    else:
+        np.testing.assert_allclose(ours[10], 1e-3, rtol=1e-6)
+        np.testing.assert_allclose(ours[60], 0.5 * (1e-3 + lr_final), rtol=1e-5)
+    np.testing.assert_allclose(float(lr(110)), lr_final, rtol=1e-5)
 
 
 def test_one_update_is_torch_adamw_with_multipliers_and_masked_decay():

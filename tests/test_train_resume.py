@@ -8,8 +8,9 @@ Three runs of the same 16-step schedule through the `rwkv-jax train` CLI, each i
 - killed: SIGKILLed right after the asynchronous save of step 8 was started (the write still
   in flight), with a half-written step-12 directory planted next to it, then `--resume`.
 
-All three must end with bitwise-identical parameters and optimiser state, and the resumed
-steps must log bitwise-identical losses.
+All three must end with bitwise-identical parameters and optimiser state, and their
+metrics.jsonl must hold the same records as the straight run's (bitwise-identical losses over the
+same windows), though the interrupted runs logged a partial window, or steps they never saved.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from rwkv_jax.train.checkpoint import Checkpointer
 from rwkv_jax.train.loop import load_checkpoint
 
 STEPS, HALF = 16, 8
-ARGS = ["preset=tiny", "version=5", f"steps={STEPS}", "save_every=4", "log_every=1", "eval_every=100",
+# log_every=3 divides neither the stop nor the saves: the windows span the interruptions.
+ARGS = ["preset=tiny", "version=5", f"steps={STEPS}", "save_every=4", "log_every=3", "eval_every=100",
         "async_save=true"]
 # Runs the CLI; with KILL_AT set, SIGKILLs itself as soon as the save of that step has been handed
 # to orbax's background writer (save() returns once the arrays are copied to host memory).
@@ -72,9 +74,10 @@ def straight(cli, tmp_path_factory):
     return out
 
 
-def step_losses(out: Path) -> dict[int, float]:
+def logged_records(out: Path) -> list[dict]:
+    """metrics.jsonl's loss and validation records, in order, without the timings (and events)."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "tokens_per_s" in r}
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in records if "event" not in r]
 
 
 def assert_same_final_state(a: Path, b: Path) -> None:
@@ -90,11 +93,12 @@ def test_stop_and_resume_is_bitwise_identical_to_a_straight_run(cli, straight, t
     first = cli(f"out={tmp_path}", f"stop_after={HALF}")
     assert first.returncode == 0, first.stderr
     assert Checkpointer(tmp_path, read_only=True).latest_step() == HALF
+    assert logged_records(tmp_path)[-1]["step"] == HALF and logged_records(tmp_path)[-1]["partial"]  # steps 7-8
     second = cli("--resume", f"out={tmp_path}")
     assert second.returncode == 0, second.stderr
     assert f"resumed from step {HALF}" in second.stdout
 
-    assert step_losses(tmp_path) == step_losses(straight)              # every step's loss, bitwise
+    assert logged_records(tmp_path) == logged_records(straight)        # every window's loss, bitwise
     assert_same_final_state(straight, tmp_path)
     assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir()) == [8, 12, 16]   # keep=3
     assert [p.name for p in (tmp_path / "best").iterdir()] == [str(STEPS)]            # validated at the end
@@ -116,7 +120,6 @@ def test_sigkill_during_a_save_then_resume_ends_where_a_straight_run_does(cli, s
     resumed = cli("--resume", f"out={tmp_path}")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from step {latest}" in resumed.stdout
-    losses, reference = step_losses(tmp_path), step_losses(straight)
-    assert all(losses[step] == reference[step] for step in range(latest + 1, STEPS + 1))
+    assert logged_records(tmp_path) == logged_records(straight)        # each step logged once, bitwise
     assert_same_final_state(straight, tmp_path)
     assert not list(ckpt.glob("*tmp*"))                                 # cleaned up on reopen

@@ -90,3 +90,16 @@ class Checkpointer:
         self.wait()
         self.last.close()
         self.best.close()
+
+
+def latest_meta(out: str | os.PathLike) -> dict[str, Any] | None:
+    """The metadata of the newest finalized checkpoint in `out/ckpt`, or None; reads only (a run
+    about to resume needs its stored configs before it builds anything)."""
+    if not (Path(out) / "ckpt").is_dir():
+        return None
+    checkpointer = Checkpointer(out, async_save=False, read_only=True)
+    try:
+        step = checkpointer.latest_step()
+        return None if step is None else checkpointer.read_meta(step)
+    finally:
+        checkpointer.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any
@@ -48,6 +49,11 @@ class TrainConfig:
       mesh_data / mesh_fsdp (mesh shape; -1 = all remaining devices), mesh_seq (context
       parallelism: each sequence's tokens split over this many devices; RWKV-4..7, ctx_len a
       multiple of it), fsdp_min_size (smaller arrays stay replicated), export_pth (write `final.pth` in the official format at the end).
+
+    Resuming: a resumed run must keep the model (its `RWKVConfig`), the data fields of
+    `RESUME_FIXED` and the on/off state of `RESUME_SWITCHES` (see `resume_conflicts`); anything else
+    (steps, stop_after, the lr schedule and Adam's numbers, l2wrap, intervals, keep, mesh, out,
+    init_from) may change.
     """
 
     # model
@@ -108,9 +114,20 @@ class TrainConfig:
         if self.schedule not in (None, "cosine", "exp"):
             raise ConfigError(f"TrainConfig: schedule must be 'cosine' or 'exp', got {self.schedule!r}")
         for name in ("n_layer", "n_embd", "ctx_len", "batch_size", "steps", "log_every", "eval_every",
-                     "eval_batches", "save_every", "keep"):
+                     "eval_batches", "save_every", "keep", "sp_vocab_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig: {name} must be positive, got {getattr(self, name)!r}")
+        # np.random.default_rng([seed, step]) draws the batches; it takes no negative seeds.
+        for name in ("seed", "warmup_steps", "fsdp_min_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig: {name} must be 0 or more, got {getattr(self, name)!r}")
+        if self.doc_sep is not None and self.doc_sep < 0:
+            raise ConfigError(f"TrainConfig: doc_sep must be a token id (0 or more) or None, got {self.doc_sep!r}")
+        for name in ("mesh_data", "mesh_fsdp"):
+            if getattr(self, name) != -1 and getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig: {name} must be a positive device count or -1 (all remaining "
+                                  f"devices), got {getattr(self, name)!r}")
+        self._check_optimiser()
         if self.mesh_seq < 1 or self.ctx_len % self.mesh_seq:
             raise ConfigError(f"TrainConfig: mesh_seq must be a positive divisor of ctx_len={self.ctx_len}, "
                               f"got {self.mesh_seq}")
@@ -120,6 +137,28 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig: stop_after must be positive or None, got {self.stop_after!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"TrainConfig: val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    def _check_optimiser(self) -> None:
+        def refuse(name: str, rule: str) -> None:
+            raise ConfigError(f"TrainConfig: {name} must be {rule}, got {getattr(self, name)!r}")
+
+        # Every test below is false for NaN, so NaN is refused with the rest.
+        if not 0.0 < self.lr < math.inf:
+            refuse("lr", "positive and finite")
+        if not 0.0 <= self.lr_final < math.inf:
+            refuse("lr_final", "0 or more and finite")
+        # Negative values used to mean "off" silently; 0 is the documented off switch.
+        for name in ("weight_decay", "grad_clip", "l2wrap"):
+            if not 0.0 <= getattr(self, name) < math.inf:
+                refuse(name, "0 (off) or more and finite")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                refuse(name, "in [0, 1)")
+        # Adam divides by sqrt(v) + eps, and v stays 0 for never-seen tokens' embedding rows.
+        if self.eps is not None and not 0.0 < self.eps < math.inf:
+            refuse("eps", "positive and finite (or None for the per-version default)")
+        if self.warmup_floor is not None and not 0.0 <= self.warmup_floor <= 1.0:
+            refuse("warmup_floor", "in [0, 1] (or None for the per-version default)")
 
     def resolved(self) -> TrainConfig:
         """This config with the per-version defaults filled in (see the module docstring)."""
@@ -170,10 +209,57 @@ def parse_field(name: str, text: str) -> Any:
         if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise ConfigError(f"{name} expects a boolean, got {text!r}")
         return text.lower() in ("1", "true", "yes")
+    if base is int:
+        return _parse_int(name, text)
     try:
-        return base(float(text)) if base is int and "e" in text.lower() else base(text)
+        return base(text)
     except ValueError:
         raise ConfigError(f"{name} expects {base.__name__}, got {text!r}") from None
+
+
+def _parse_int(name: str, text: str) -> int:
+    """An integer, also in float notation ("1e3") as long as the value is a whole number."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value.is_integer()):
+        raise ConfigError(f"{name} expects an integer, got {text!r}")
+    return int(value)
+
+
+# Fields a resumed run must share with its checkpoint: they decide which tokens each step sees
+# (the batches are a function of the data, its split, the crop shape, the sampler and the seed) or
+# what the token ids mean (the tokenizer, the document separator); `layerwise_lr` adds a stage
+# to the optax chain, so the stored optimiser state would not fit the new one.
+RESUME_FIXED = ("data", "tokenizer", "val_fraction", "ctx_len", "batch_size", "sampler", "doc_sep", "seed",
+                "layerwise_lr")
+# Fields whose value may change on resume but not whether they are on (> 0) or off (0): switching
+# them adds or removes a stage (clip_by_global_norm / add_decayed_weights) of the optax chain.
+RESUME_SWITCHES = ("grad_clip", "weight_decay")
+
+
+def resume_conflicts(stored: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """What keeps `cfg` from resuming a run whose checkpoint holds the train config `stored` (a
+    dict, as saved): one line per field of `RESUME_FIXED` that differs and of `RESUME_SWITCHES`
+    that was switched on or off. The model's fields are compared through its `RWKVConfig`."""
+    conflicts = []
+    for name in RESUME_FIXED:
+        if stored.get(name) != getattr(cfg, name):
+            conflicts.append(f"{name} is {stored.get(name)!r} in the checkpoint but {getattr(cfg, name)!r} now")
+    for name in RESUME_SWITCHES:
+        was, now = stored.get(name, 0), getattr(cfg, name)
+        if (was > 0) != (now > 0):
+            conflicts.append(f"{name} is {_switch(was)} in the checkpoint but {_switch(now)} now")
+    return conflicts
+
+
+def _switch(value: float) -> str:
+    return f"{value!r} ({'on' if value > 0 else 'off'})"
 
 
 PRESETS: dict[str, TrainConfig] = {

@@ -3,8 +3,10 @@
 - Tokenizers: `ByteTokenizer` (token = byte value, V = 256), `WorldTokens` (the RWKV World
   vocabulary, V = 65536) and `SentencePieceTokenizer` (load a `.model`, or train one on the
   corpus with `train_sentencepiece`).
-- `tokenize_file` writes the tokens of a text file to a `.npy` (uint16 when V <= 65536, else
-  uint32), streaming so the text never has to fit in memory; `TokenData` memory-maps it.
+- `tokenize_file` writes the tokens of a UTF-8 text file to a `.npy` (uint16 when V <= 65536,
+  else uint32), streaming so the text never has to fit in memory; `TokenData` memory-maps it.
+  `TokenData.load` takes only a 1-D integer array of ids in [0, V) (`check_token_ids`): anything
+  else would index the embedding out of range, which JAX does not report.
 - `TokenData.train_batch(seed, step, B, T)` draws B random crops of T+1 tokens from the training
   split with `np.random.default_rng([seed, step])`: a batch depends only on (seed, step), so a
   resumed run sees exactly the batches an uninterrupted one would. `sampler="magic_prime"` takes
@@ -27,7 +29,7 @@ import numpy as np
 
 from rwkv_jax.train.config import BUILTIN_CORPUS, ConfigError
 
-CHUNK = 1 << 24   # characters of text (or bytes of tokens) handled at once
+CHUNK = 1 << 24   # bytes of text or of tokens handled at once
 
 
 def builtin_corpus_path() -> Path:
@@ -36,8 +38,12 @@ def builtin_corpus_path() -> Path:
 
 
 def resolve_data_path(data: str) -> Path:
-    """`"shakespeare"` -> the built-in corpus; anything else is a path."""
-    return builtin_corpus_path() if data == BUILTIN_CORPUS else Path(data)
+    """`"shakespeare"` -> the built-in corpus; anything else is the path of an existing file."""
+    path = builtin_corpus_path() if data == BUILTIN_CORPUS else Path(data)
+    if not path.is_file():
+        raise ConfigError(f"data file {str(path)!r} does not exist (data= takes a UTF-8 text file, a token .npy, "
+                          f"or {BUILTIN_CORPUS!r})")
+    return path
 
 
 class Tokenizer(Protocol):
@@ -146,29 +152,45 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
+def _decode_utf8(data: bytes, path: Path, offset: int) -> str:
+    """`data`, which starts at byte `offset` of `path`, as text; ConfigError where it is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text: invalid byte 0x{data[error.start]:02x} at byte offset "
+                          f"{offset + error.start} ({error.reason})") from None
+
+
 def _read_text_chunks(path: Path) -> Iterator[str]:
-    """The file in pieces of about `CHUNK` characters, cut after a newline so that no token
-    straddles two pieces."""
-    with open(path, encoding="utf-8", newline="") as f:
-        carry = ""
+    """The UTF-8 file in pieces of about `CHUNK` bytes, cut after a newline so that no token
+    straddles two pieces (and no character: a newline byte is never inside a UTF-8 sequence).
+    Line endings are kept as they are. A byte that is not UTF-8 raises ConfigError with its offset."""
+    with open(path, "rb") as f:
+        carry, offset = b"", 0          # offset: where `carry` starts in the file
         while chunk := f.read(CHUNK):
             chunk = carry + chunk
-            cut = chunk.rfind("\n") + 1
+            cut = chunk.rfind(b"\n") + 1
             if cut == 0:
                 carry = chunk
                 continue
-            carry = chunk[cut:]
-            yield chunk[:cut]
+            yield _decode_utf8(chunk[:cut], path, offset)
+            carry, offset = chunk[cut:], offset + cut
         if carry:
-            yield carry
+            yield _decode_utf8(carry, path, offset)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A whole UTF-8 text file; ConfigError naming the offset of the first byte that is not UTF-8."""
+    return "".join(_read_text_chunks(Path(path)))
 
 
 def tokenize_file(text_path: str | os.PathLike, out_path: str | os.PathLike, tokenizer: Tokenizer) -> Path:
     """Tokenize a UTF-8 text file into a 1-D `.npy` of token ids; returns `out_path`.
 
-    Written to a temporary file and renamed, so an interrupted run never leaves a truncated
-    array that a later run would take for finished (and processes of a multi-host run, which all
-    tokenize, never write the same file at once).
+    Written to a temporary file and renamed, so an interrupted run (or a file that turns out not
+    to be UTF-8, a ConfigError) never leaves a truncated array that a later run would take for
+    finished (and processes of a multi-host run, which all tokenize, never write the same file at
+    once).
     """
     text_path, out_path = Path(text_path), Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,19 +223,56 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_token_ids(tokens: np.ndarray, vocab_size: int, source: str) -> None:
+    """ConfigError unless `tokens` is a 1-D array of integer ids in [0, vocab_size). A memory-mapped
+    array is scanned `CHUNK` bytes at a time, so a large data set is never loaded whole."""
+    if tokens.ndim != 1:
+        raise ConfigError(f"{source}: token data must be a 1-D array of ids, got shape {tokens.shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ConfigError(f"{source}: token ids must be integers, got dtype {tokens.dtype}")
+    if len(tokens) == 0:
+        return
+    step = max(CHUNK // tokens.dtype.itemsize, 1)
+    low, high = None, None
+    for start in range(0, len(tokens), step):
+        piece = np.asarray(tokens[start:start + step])
+        piece_low, piece_high = int(piece.min()), int(piece.max())
+        low = piece_low if low is None else min(low, piece_low)
+        high = piece_high if high is None else max(high, piece_high)
+    if low < 0 or high >= vocab_size:
+        raise ConfigError(f"{source}: token ids must be in [0, {vocab_size}) for a tokenizer of {vocab_size} tokens, "
+                          f"but they range from {low} to {high}")
+
+
 class TokenData:
     """A memory-mapped token array with a train/validation split at `1 - val_fraction`."""
 
     def __init__(self, tokens: np.ndarray, val_fraction: float):
         self.tokens = tokens
+        self.val_fraction = val_fraction
         n_val = int(round(len(tokens) * val_fraction))
         self.split = len(tokens) - n_val
         if self.split < 2 or n_val < 2:
             raise ConfigError(f"{len(tokens)} tokens are too few for a train/validation split at {val_fraction}")
 
     @classmethod
-    def load(cls, npy_path: str | os.PathLike, val_fraction: float) -> TokenData:
-        return cls(np.load(npy_path, mmap_mode="r"), val_fraction)
+    def load(cls, npy_path: str | os.PathLike, val_fraction: float, vocab_size: int) -> TokenData:
+        """The tokens of a `.npy`, memory-mapped, after `check_token_ids` against `vocab_size`."""
+        try:
+            tokens = np.load(npy_path, mmap_mode="r")
+        except ValueError as error:    # not an .npy, or an object array (needs pickle)
+            raise ConfigError(f"{npy_path}: not a token .npy file ({error})") from None
+        check_token_ids(tokens, vocab_size, str(npy_path))
+        return cls(tokens, val_fraction)
+
+    def check_windows(self, ctx_len: int, sampler: str = "random") -> None:
+        """ConfigError unless the training split holds crops of `ctx_len + 1` tokens for `sampler`
+        and the validation split at least one window: checked before a run builds its model."""
+        self.train_offsets(0, 0, 1, ctx_len, sampler)
+        if len(self.val) < ctx_len + 1:
+            raise ConfigError(f"the validation split (the last val_fraction={self.val_fraction} of the data, "
+                              f"{len(self.val)} tokens) is shorter than one window of ctx_len+1={ctx_len + 1} "
+                              "tokens: raise val_fraction, lower ctx_len or use more data")
 
     @property
     def train(self) -> np.ndarray:
@@ -229,7 +288,8 @@ class TokenData:
         step alone for `sampler="magic_prime"` (see `magic_prime_offsets`)."""
         high = len(self.train) - ctx_len - 1
         if high < 1:
-            raise ConfigError(f"the training split ({len(self.train)} tokens) is shorter than ctx_len+1={ctx_len + 1}")
+            raise ConfigError(f"the training split ({len(self.train)} tokens) is too short for random crops of "
+                              f"ctx_len+1={ctx_len + 1} tokens (it needs at least {ctx_len + 2})")
         if sampler == "magic_prime":
             return magic_prime_offsets(len(self.train), step, batch_size, ctx_len)
         return np.random.default_rng([seed, step]).integers(0, high, size=batch_size, endpoint=True)
@@ -307,9 +367,13 @@ def make_tokenizer(spec: str, text_path: Path, cache_dir: Path, vocab_size: int)
         prefix = cache_dir / f"sp{vocab_size}-{file_digest(text_path)}"
         if Path(f"{prefix}.model").exists():
             return SentencePieceTokenizer(f"{prefix}.model")
+        for _ in _read_text_chunks(text_path):   # a clear error before sentencepiece reads it
+            pass
         cache_dir.mkdir(parents=True, exist_ok=True)
         return train_sentencepiece(text_path, prefix, vocab_size)
     if spec.endswith(".model"):
+        if not Path(spec).is_file():
+            raise ConfigError(f"tokenizer={spec!r}: no such sentencepiece model file")
         return SentencePieceTokenizer(spec)
     raise ConfigError(f"tokenizer must be 'byte', 'world', 'sentencepiece' or a sentencepiece .model path, got {spec!r}")
 

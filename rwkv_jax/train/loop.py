@@ -24,8 +24,8 @@ import optax
 import rwkv_jax as rj
 from rwkv_jax.train import data as data_lib
 from rwkv_jax.train import sharding as shard_lib
-from rwkv_jax.train.checkpoint import Checkpointer
-from rwkv_jax.train.config import ConfigError, TrainConfig
+from rwkv_jax.train.checkpoint import Checkpointer, latest_meta
+from rwkv_jax.train.config import ConfigError, TrainConfig, resume_conflicts
 from rwkv_jax.train.optim import cross_entropy, l2wrap, lr_schedule, make_optimizer
 
 Array = jax.Array
@@ -146,14 +146,27 @@ def _format_eta(seconds: float) -> str:
 
 class MetricsLog:
     """Appends one JSON object per record to `out/metrics.jsonl` and its numbers, as scalars by
-    step, to TensorBoard event files in `out/tb` (tensorboardX); only process 0 writes."""
+    step, to TensorBoard event files in `out/tb` (tensorboardX); only process 0 writes.
 
-    def __init__(self, out: Path):
+    `rewind_to=step` (a run resuming from that checkpoint) first forgets what the interrupted run
+    logged after it, so the log reads as an uninterrupted run's: the records of later steps (a
+    crash logs steps it never saved) and a partial loss window ending at `step` (the resumed run
+    logs the whole window). TensorBoard hides the later steps itself (`purge_step`).
+    """
+
+    def __init__(self, out: Path, rewind_to: int | None = None):
         from tensorboardX import SummaryWriter
 
         self.enabled = jax.process_index() == 0
         self.path = out / "metrics.jsonl"
-        self.tb = SummaryWriter(str(out / "tb")) if self.enabled else None
+        if self.enabled and rewind_to is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and _kept_on_rewind(json.loads(line), rewind_to)]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)      # a crash here leaves the old log, never half of one
+        purge_step = None if rewind_to is None else rewind_to + 1
+        self.tb = SummaryWriter(str(out / "tb"), purge_step=purge_step) if self.enabled else None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -170,6 +183,11 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _kept_on_rewind(record: dict[str, Any], step: int) -> bool:
+    at = record.get("step", 0)
+    return at < step or (at == step and not record.get("partial", False))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -211,39 +229,84 @@ def abstract_train_state(params: PyTree, tx: optax.GradientTransformation, mesh:
 
 def build_run(cfg: TrainConfig, devices: list | None = None) -> Run:
     """Tokenizer, token data, model, optimiser and mesh (over `devices`, default all) of a run;
-    no device arrays yet."""
+    no device arrays yet. Everything a run can be told wrong (fields, data, a resume that does not
+    fit its checkpoint) raises ConfigError here, before any model is built."""
     out = Path(cfg.out)
+    stored = latest_meta(out) if cfg.resume else None
     text_or_npy = data_lib.resolve_data_path(cfg.data)
     tokenizer = data_lib.make_tokenizer(cfg.tokenizer, text_or_npy, out / "data", cfg.sp_vocab_size)
-    npy = data_lib.prepare_tokens(cfg.data, tokenizer, out / "data")
-    token_data = data_lib.TokenData.load(npy, cfg.val_fraction)
-
-    init_params = None
+    if cfg.doc_sep is not None and cfg.doc_sep >= tokenizer.vocab_size:
+        raise ConfigError(f"doc_sep={cfg.doc_sep} is not a token id of the {tokenizer.vocab_size}-token tokenizer "
+                          f"{cfg.tokenizer!r}")
+    model_cfg, init_params = _model_and_weights(cfg, tokenizer.vocab_size, stored)
     if cfg.init_from:
-        pth_cfg, init_params = rj.load_pth(cfg.init_from)
-        model_cfg = pth_cfg.replace(wkv=cfg.wkv, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        if tokenizer.vocab_size > model_cfg.vocab_size:
-            raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model in {cfg.init_from} "
-                              f"only {model_cfg.vocab_size}")
-        init_params = jax.tree.map(lambda p: np.asarray(p, model_cfg.params_dtype), init_params)
         # The per-version optimiser defaults must follow the ported model's version.
         cfg = cfg.replace(version=model_cfg.version, n_layer=model_cfg.n_layer, n_embd=model_cfg.n_embd,
                           head_size=model_cfg.head_size)
-    else:
-        model_cfg = model_config(cfg, tokenizer.vocab_size)
     cfg = cfg.resolved()
-    model = rj.RWKV(model_cfg)
+    if stored is not None:
+        _check_resumable(cfg, model_cfg, stored)
 
     mesh = shard_lib.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_seq, devices)
     rows = shard_lib.batch_rows(mesh)
     if cfg.batch_size % rows:
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {rows} data x fsdp devices of the mesh")
+    npy = data_lib.prepare_tokens(cfg.data, tokenizer, out / "data")
+    token_data = data_lib.TokenData.load(npy, cfg.val_fraction, tokenizer.vocab_size)
+    token_data.check_windows(cfg.ctx_len, cfg.sampler)
+    model = rj.RWKV(model_cfg)
     shapes = params_shape(model)
     tx = make_optimizer(cfg, shapes)
     return Run(cfg=cfg, model_cfg=model_cfg, model=model, tokenizer=tokenizer,
                tokenizer_spec=_tokenizer_spec(tokenizer, out), data=token_data, tx=tx, mesh=mesh,
                abstract_state=abstract_train_state(shapes, tx, mesh, cfg.fsdp_min_size),
                batch_sharding=shard_lib.batch_sharding(mesh), init_params=init_params)
+
+
+def _model_and_weights(cfg: TrainConfig, vocab_size: int, stored: dict[str, Any] | None
+                       ) -> tuple[rj.RWKVConfig, PyTree | None]:
+    """The run's model config and the weights it starts from (None: the official init).
+
+    From scratch: `cfg`'s sizes. Fine-tuning: the `.pth` file's sizes and weights. Resuming a
+    fine-tune: the checkpoint's model config, without reading the `.pth` (the checkpoint holds the
+    weights; the file may have moved since). RWKVConfig's ValueErrors become ConfigErrors."""
+    try:
+        if not cfg.init_from:
+            return model_config(cfg, vocab_size), None
+        if stored is not None:
+            source, init_params = rj.RWKVConfig(**stored["model_config"]), None
+        elif not Path(cfg.init_from).is_file():
+            raise ConfigError(f"init_from={cfg.init_from!r}: no such file")
+        else:
+            source, init_params = rj.load_pth(cfg.init_from)
+        model_cfg = source.replace(wkv=cfg.wkv, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {vocab_size} tokens, the model in {cfg.init_from} "
+                          f"only {model_cfg.vocab_size}")
+    if model_cfg.version == 1 and cfg.ctx_len > model_cfg.ctx_len:
+        # RWKV-1's time_w and time_out have one entry per position: it has no later positions.
+        raise ConfigError(f"the RWKV-1 model in {cfg.init_from} is defined for ctx_len <= {model_cfg.ctx_len} "
+                          f"(its time_w), so it cannot train on ctx_len={cfg.ctx_len}")
+    if init_params is not None:
+        init_params = jax.tree.map(lambda p: np.asarray(p, model_cfg.params_dtype), init_params)
+    return model_cfg, init_params
+
+
+def _check_resumable(cfg: TrainConfig, model_cfg: rj.RWKVConfig, stored: dict[str, Any]) -> None:
+    """ConfigError naming every setting that keeps `cfg` from continuing the checkpoint whose
+    metadata is `stored`: a model field, or a field of `config.resume_conflicts`."""
+    model_now, model_then = json.loads(model_cfg.to_json()), stored["model_config"]
+    conflicts = [f"model {name} is {model_then.get(name)!r} in the checkpoint but {model_now.get(name)!r} now"
+                 for name in sorted(set(model_now) | set(model_then)) if model_now.get(name) != model_then.get(name)]
+    conflicts += resume_conflicts(stored["train_config"], cfg)
+    if conflicts:
+        raise ConfigError(f"cannot resume {cfg.out} (step {stored['step']}): " + "; ".join(conflicts)
+                          + ". These fix the model, the optimiser state's layout or the data each step sees; "
+                          "resume with the checkpoint's values, or start a new run in another out")
 
 
 def _tokenizer_spec(tokenizer: data_lib.Tokenizer, out: Path) -> str:
@@ -291,11 +354,14 @@ def train_batch(run: Run, step: int) -> Array:
         lambda rows: data_lib.TokenData.crops(run.data.train, offsets[rows], cfg.ctx_len))
 
 
-def _meta(run: Run, step: int, metrics: dict[str, float]) -> dict[str, Any]:
+def _meta(run: Run, step: int, metrics: dict[str, float], window_losses: list[float]) -> dict[str, Any]:
     return {"step": step, "train_config": json.loads(run.cfg.to_json()),
             "model_config": json.loads(run.model_cfg.to_json()), "tokenizer": run.tokenizer_spec,
             # Batches depend only on (seed, step): this is the whole data position.
-            "data": {"seed": run.cfg.seed, "next_step": step}, "metrics": metrics}
+            "data": {"seed": run.cfg.seed, "next_step": step}, "metrics": metrics,
+            # The losses of the steps since the last logged one, so a resumed run logs the same
+            # windows an uninterrupted one does.
+            "window_losses": window_losses}
 
 
 def evaluate_params(params: PyTree, eval_step: Callable, batches: list,
@@ -327,24 +393,33 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     if jax.process_index() != 0:
         log = lambda message: None  # noqa: E731 - one writer for the progress lines
     checkpointer = Checkpointer(out, keep=cfg.keep, async_save=cfg.async_save)
-    metrics_log = MetricsLog(out)
+    metrics_log = None
     try:
         # Under the context mesh the model runs Pallas kernels per batch shard and, with a "seq"
         # axis, splits each sequence over its devices.
         with jax.set_mesh(run.mesh):
-            return _train(run, checkpointer, metrics_log, log)
+            state, meta = _restore_or_init(run, checkpointer, log)
+            start = 0 if meta is None else int(meta["data"]["next_step"])
+            resumes = meta is not None and start < _end_step(cfg)
+            metrics_log = MetricsLog(out, rewind_to=start if resumes else None)
+            return _train(run, state, meta, checkpointer, metrics_log, log)
     finally:
         checkpointer.close()
-        metrics_log.close()
+        if metrics_log is not None:
+            metrics_log.close()
 
 
 class Window:
     """Loss and throughput since the last progress line. Only the train steps are timed (not
-    validation or saves), and the first step of a process is skipped: it includes compilation."""
+    validation or saves), and the first step of a process is skipped: it includes compilation.
 
-    def __init__(self, tokens_per_step: int):
+    Windows end at the multiples of `log_every` whether or not the run was interrupted in
+    between: a resumed run starts with the window's earlier losses from its checkpoint."""
+
+    def __init__(self, tokens_per_step: int, losses: list[float] | None = None):
         self.tokens_per_step = tokens_per_step
         self.reset()
+        self.losses = list(losses or [])
 
     def reset(self) -> None:
         self.losses: list[float] = []
@@ -360,27 +435,39 @@ class Window:
         return self.tokens_per_step * self.timed_steps / self.seconds if self.timed_steps else float("nan")
 
 
-def _restore_or_init(run: Run, checkpointer: Checkpointer, log: Callable[[str], None]) -> tuple[TrainState, int]:
+def _end_step(cfg: TrainConfig) -> int:
+    """The step this invocation stops after."""
+    return min(cfg.steps, cfg.stop_after or cfg.steps)
+
+
+def _restore_or_init(run: Run, checkpointer: Checkpointer, log: Callable[[str], None]
+                     ) -> tuple[TrainState, dict[str, Any] | None]:
+    """The state to start from, and the metadata of the checkpoint it was restored from (None for
+    a new run). `build_run` has checked that the checkpoint fits this run's config."""
     cfg = run.cfg
     latest = checkpointer.latest_step()
     if latest is None:
-        return init_train_state(run), 0
+        return init_train_state(run), None
     if not cfg.resume:
         raise ConfigError(f"{cfg.out} already holds checkpoints (latest step {latest}); "
                           "pass --resume (resume=true) to continue it, or choose another out")
-    stored = checkpointer.read_meta(latest)
-    if stored["model_config"] != json.loads(run.model_cfg.to_json()):
-        raise ConfigError(f"cannot resume {cfg.out}: its model config {stored['model_config']} differs "
-                          f"from this run's {run.model_cfg.to_json()}")
     state, meta = checkpointer.restore(latest, run.abstract_state)
     log(f"resumed from step {meta['data']['next_step']} in {cfg.out}/ckpt")
-    return state, int(meta["data"]["next_step"])
+    return state, meta
 
 
-def _train(run: Run, checkpointer: Checkpointer, metrics_log: MetricsLog, log: Callable[[str], None]
-           ) -> dict[str, Any]:
+def _resumed_window(meta: dict[str, Any] | None, start: int, log_every: int) -> list[float]:
+    """The losses of the steps after the last multiple of `log_every` up to `start`, as far as the
+    checkpoint kept them (it keeps those since its own run's last log; log_every may have changed)."""
+    pending = start % log_every
+    stored = [] if meta is None else meta.get("window_losses", [])
+    return list(stored[-pending:]) if pending else []
+
+
+def _train(run: Run, state: TrainState, meta: dict[str, Any] | None, checkpointer: Checkpointer,
+           metrics_log: MetricsLog, log: Callable[[str], None]) -> dict[str, Any]:
     cfg = run.cfg
-    state, start = _restore_or_init(run, checkpointer, log)
+    start = 0 if meta is None else int(meta["data"]["next_step"])
     if start:
         metrics_log.write({"event": "resume", "step": start})
     if jax.process_index() == 0:
@@ -397,10 +484,10 @@ def _train(run: Run, checkpointer: Checkpointer, metrics_log: MetricsLog, log: C
     eval_fn = jax.jit(make_eval_step(run.model, run.tokenizer.token_bytes(), cfg.doc_sep))
     val_batches = data_lib.eval_batches(run.data.val, cfg.ctx_len, cfg.batch_size, cfg.eval_batches)
     schedule = lr_schedule(cfg)
-    window = Window(cfg.batch_size * cfg.ctx_len)
+    window = Window(cfg.batch_size * cfg.ctx_len, _resumed_window(meta, start, cfg.log_every))
     losses: list[float] = []
     last_record: dict[str, Any] = {}
-    end = min(cfg.steps, cfg.stop_after or cfg.steps)
+    end = _end_step(cfg)
     for step in range(start, end):
         tick = time.perf_counter()
         state, metrics = step_fn(state, train_batch(run, step))
@@ -418,10 +505,15 @@ def _train(run: Run, checkpointer: Checkpointer, metrics_log: MetricsLog, log: C
         losses.append(loss)
         window.add(loss, time.perf_counter() - tick, timed=step > start)
 
-        if done % cfg.log_every == 0 or done == end:
+        full_window = done % cfg.log_every == 0
+        if full_window or done == end:
             tok_s = window.tokens_per_s()
             last_record = {"step": done, "loss": float(np.mean(window.losses)), "lr": float(schedule(step)),
                            "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tok_s}
+            if not full_window:
+                # The steps since the last multiple of log_every, at the end of this invocation;
+                # a resumed run replaces this record with the whole window's.
+                last_record["partial"] = True
             line = (f"step {done}/{cfg.steps} | loss {last_record['loss']:.4f} | lr {last_record['lr']:.2e} | "
                     + (f"{tok_s / 1e3:.1f}k tok/s" if math.isfinite(tok_s) else "- tok/s"))
             if math.isfinite(tok_s):
@@ -431,7 +523,8 @@ def _train(run: Run, checkpointer: Checkpointer, metrics_log: MetricsLog, log: C
                 line += f" | ETA {_format_eta((cfg.steps - done) * window.tokens_per_step / tok_s)}"
             metrics_log.write(last_record)
             log(line)
-            window.reset()
+            if full_window:
+                window.reset()
 
         val_record = None
         if done % cfg.eval_every == 0 or done == cfg.steps:
@@ -441,11 +534,11 @@ def _train(run: Run, checkpointer: Checkpointer, metrics_log: MetricsLog, log: C
             log(f"step {done}: val loss {result['loss']:.4f}, {result['bpb']:.4f} bits/byte")
         save = done % cfg.save_every == 0 or done == end
         if save or val_record is not None:
-            meta = _meta(run, done, {"loss": loss, **(val_record or {})})
+            step_meta = _meta(run, done, {"loss": loss, **(val_record or {})}, list(window.losses))
             if save:
-                checkpointer.save(done, state, meta)
+                checkpointer.save(done, state, step_meta)
             if val_record is not None:
-                checkpointer.save_if_best(done, state, meta, val_record["val_loss"])
+                checkpointer.save_if_best(done, state, step_meta, val_record["val_loss"])
 
     checkpointer.wait()
     if cfg.export_pth and jax.process_index() == 0:
@@ -482,7 +575,7 @@ def evaluate(run_dir: str | Path, text: str | Path, best: bool = False, step: in
     cfg = TrainConfig(**meta["train_config"])
     model = rj.RWKV(rj.RWKVConfig(**meta["model_config"]))
     tokenizer = load_tokenizer(meta["tokenizer"], Path(run_dir))
-    tokens = tokenizer.encode(Path(text).read_text(encoding="utf-8"))
+    tokens = tokenizer.encode(data_lib.read_text(text))
     n_devices = jax.device_count()
     batch_size = n_devices * max(1, cfg.batch_size // n_devices)
     batches = data_lib.eval_batches(tokens, cfg.ctx_len, batch_size, max_batches)

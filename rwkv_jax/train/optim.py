@@ -69,8 +69,16 @@ def lr_multipliers(version: int, params: Params) -> Params:
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     """Warm-up `lr·(floor + (1-floor)·s/W)` for s < W, then cosine or exponential decay to `lr_final`.
 
-    Decay progress runs from step W to `cfg.steps`; the exponential form is the v4 one,
-    `lr·(lr_final/lr)^progress`, the cosine one `lr_final + (lr-lr_final)·(1+cos(π·progress))/2`.
+    `s` is the 0-based index of the step being taken (optax passes the number of updates done so
+    far), which is the official trainers' `global_step` at the start of a batch; `cfg.steps` is
+    their `epoch_count·epoch_steps`. The two decays follow their trainers exactly:
+
+    - "exp" (RWKV-v4neo `trainer.py`): `lr·(lr_final/lr)^progress`, or the linear
+      `lr + (lr_final - lr)·progress` when lr_final is 0 (which no exponential reaches), with
+      progress = (s - W + 1)/(steps - W). The official `+1` is kept: it is relative to the same
+      step index as ours, so lr_final is reached on the last step, s = steps - 1.
+    - "cosine" (RWKV-v5/v7 `my_exit_tokens`): `lr_final + (lr-lr_final)·(1+cos(π·progress))/2`
+      with progress = (s - W)/(steps - W): there the formula has no `+1`.
     """
     cfg = cfg.resolved()
     lr, lr_final, warmup, floor = cfg.lr, cfg.lr_final, cfg.warmup_steps, cfg.warmup_floor
@@ -79,10 +87,14 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     def schedule(step: Array) -> Array:
         step = jnp.asarray(step, jnp.float32)
         warm = lr * (floor + (1.0 - floor) * step / max(warmup, 1))
-        progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
         if cfg.schedule == "exp":
-            decayed = lr * (lr_final / lr) ** progress
+            progress = jnp.clip((step - warmup + 1) / decay_steps, 0.0, 1.0)
+            if lr_final == 0:
+                decayed = lr + (lr_final - lr) * progress
+            else:
+                decayed = lr * (lr_final / lr) ** progress
         else:
+            progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
             decayed = lr_final + (lr - lr_final) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
         return jnp.where(step < warmup, warm, decayed)
 

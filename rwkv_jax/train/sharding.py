@@ -66,6 +66,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, seq: int = 1, devices: list | None 
         raise ConfigError("at most one of mesh_data / mesh_fsdp may be -1")
     if seq < 1:
         raise ConfigError(f"mesh_seq must be at least 1, got {seq}")
+    for name, size in (("mesh_data", data), ("mesh_fsdp", fsdp)):
+        if size != -1 and size < 1:
+            raise ConfigError(f"{name} must be a positive device count or -1 (all remaining devices), got {size}")
     if data == -1:
         data = n // (fsdp * seq)
     if fsdp == -1:
