@@ -102,6 +102,10 @@ class TextDecoder:
     Other tokenizers (SentencePiece, Hugging Face) are decoded whole each time and the new tail
     is emitted once it does not end in U+FFFD (an unfinished character), since their pieces
     decode differently alone than in context (leading spaces).
+
+    An id without text (World's unused 65530..65535, which a 65536-wide head can still sample, or
+    one beyond the tokenizer's vocabulary) reads as U+FFFD and the text goes on, as the official
+    PIPELINE decodes it; a character it cuts short becomes U+FFFD too.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -113,7 +117,13 @@ class TextDecoder:
     def add(self, token: int) -> str:
         """The text that `token` completes (possibly "")."""
         if self._utf8 is not None:
-            return self._utf8.decode(self._tokenizer.decode_bytes([token]))
+            try:
+                data = self._tokenizer.decode_bytes([token])
+            except ValueError:  # an id without bytes
+                return self._without_text()
+            return self._utf8.decode(data)
+        if not 0 <= token < self._tokenizer.vocab_size:
+            return self._without_text()
         self._ids.append(token)
         text = self._tokenizer.decode(self._ids)
         if text.endswith("\ufffd") or not text.startswith(self._emitted):
@@ -129,6 +139,12 @@ class TextDecoder:
         new = text[len(self._emitted):] if text.startswith(self._emitted) else ""
         self._emitted = text
         return new
+
+    def _without_text(self) -> str:
+        """Finish what came before a token without text, then U+FFFD for it; start afresh after it."""
+        text = self.finish()
+        self._ids, self._emitted = [], ""
+        return text + "\ufffd"
 
 
 class StopText:

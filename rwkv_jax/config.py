@@ -103,9 +103,15 @@ class RWKVConfig:
         if self.version not in SUPPORTED_VERSIONS:
             raise ValueError(f"RWKVConfig: version must be one of {SUPPORTED_VERSIONS}, got {self.version!r}")
         for name in ("n_layer", "n_embd", "vocab_size", "head_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"RWKVConfig: {name} must be a positive int, got {value!r}")
+            _check_int(name, getattr(self, name), minimum=1)
+        # Given sizes are checked before the defaults fill in the rest: a bad one would otherwise
+        # only fail deep inside the first call. LoRA widths may be 0 (that LoRA then adds nothing).
+        for name in ("dim_att", "dim_ffn", "chunk_size", "ctx_len"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        for name in ("d_mix", "d_decay", "d_w", "d_a", "d_v", "d_g", "head_qk"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=0)
         if self.wkv not in WKV_CHOICES:
             raise ValueError(f"RWKVConfig: wkv must be one of {WKV_CHOICES}, got {self.wkv!r}")
         for name in ("dtype", "param_dtype"):
@@ -133,12 +139,7 @@ class RWKVConfig:
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
 
-        if v <= 3:
-            if not isinstance(self.ctx_len, int) or self.ctx_len <= 0:
-                raise ValueError(f"RWKVConfig: ctx_len must be a positive int, got {self.ctx_len!r}")
-            if not isinstance(self.head_qk, int) or self.head_qk < 0:
-                raise ValueError(f"RWKVConfig: head_qk must be a non-negative int, got {self.head_qk!r}")
-        elif self.ctx_len is not None or self.head_qk:
+        if v >= 4 and (self.ctx_len is not None or self.head_qk):
             raise ValueError(f"RWKVConfig: ctx_len and head_qk (the copy head) only exist for RWKV-1..3, got "
                              f"ctx_len={self.ctx_len!r}, head_qk={self.head_qk!r} for RWKV-{v}")
         if v == 5 and self.v5_variant not in V5_VARIANTS:
@@ -151,8 +152,6 @@ class RWKVConfig:
             raise ValueError(f"RWKVConfig: dim_att={self.dim_att} is not a multiple of head_size={self.head_size}")
         if v == 7 and self.dim_att != C:
             raise ValueError(f"RWKVConfig: RWKV-7 requires dim_att == n_embd, got {self.dim_att} != {C}")
-        if self.chunk_size is not None and self.chunk_size <= 0:
-            raise ValueError(f"RWKVConfig: chunk_size must be positive, got {self.chunk_size}")
         self.wkv_impl  # validates the wkv choice for this version
 
     @property
@@ -188,6 +187,13 @@ class RWKVConfig:
     @classmethod
     def from_json(cls, text: str) -> RWKVConfig:
         return cls(**json.loads(text))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    """`value` must be an int (not a bool) of at least `minimum` (1: positive, 0: non-negative)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive" if minimum == 1 else "a non-negative"
+        raise ValueError(f"RWKVConfig: {name} must be {kind} int, got {value!r}")
 
 
 def layer_ratios(layer: Any, n_layer: int) -> tuple[Any, Any]:

@@ -40,8 +40,9 @@ class PerplexityResult:
       loss: mean negative log-likelihood of the scored tokens, nats per token.
       perplexity: exp(loss).
       bits_per_byte: total negative log-likelihood in bits over the UTF-8 bytes of the scored
-        tokens (None without a tokenizer).
-      tokens: how many tokens were scored; bytes: their UTF-8 length (None without a tokenizer).
+        tokens (None without a tokenizer, or with one that does not tell its tokens' bytes:
+        see `token_byte_lengths`).
+      tokens: how many tokens were scored; bytes: their UTF-8 length (None as bits_per_byte).
     """
 
     loss: float
@@ -80,6 +81,9 @@ def perplexity(model_or_cfg: RWKV | RWKVConfig, params: Params, tokens: Sequence
       batch_size: split the sequence into this many contiguous streams scored side by side. 1
         scores the file as one sequence; with more, each stream after the first starts from the
         zero state, so its first tokens lose the context before them (faster, not identical).
+
+    RWKV-1 is defined only for positions < ctx_len: there a stream may feed at most ctx_len tokens
+    (the sequence's last token is only a target), else ValueError.
     """
     cfg = model_or_cfg.cfg if isinstance(model_or_cfg, RWKV) else model_or_cfg
     if tokens is None:
@@ -103,6 +107,14 @@ def perplexity(model_or_cfg: RWKV | RWKVConfig, params: Params, tokens: Sequence
     # with weight-0 zeros to whole chunks.
     per_stream = -(-inputs.size // batch_size)
     steps = -(-per_stream // chunk) * chunk
+    if cfg.version == 1:
+        # Under jit RWKV-1 returns NaN for a call that would pass position ctx_len - 1 instead of
+        # raising, so refuse here; and never pad past it, or the padding would NaN the last chunk.
+        if per_stream > cfg.ctx_len:
+            raise ValueError(f"RWKV-1 is defined only for positions < ctx_len={cfg.ctx_len}, but scoring "
+                             f"{sequence.size} tokens feeds {per_stream} per stream: score a shorter text or use "
+                             f"batch_size >= {-(-inputs.size // cfg.ctx_len)}")
+        steps = min(steps, cfg.ctx_len)
     streams = [np.zeros((batch_size, steps), dtype) for dtype in (np.int32, np.int32, np.float32)]
     for array, values in zip(streams, (inputs, targets, weights)):
         for row in range(batch_size):
@@ -118,9 +130,10 @@ def perplexity(model_or_cfg: RWKV | RWKVConfig, params: Params, tokens: Sequence
                                         jnp.asarray(weights[:, piece]), state)
         nll += float(chunk_nll)
     count = int(weights.sum())
-    n_bytes = None
-    if tokenizer is not None:
-        n_bytes = int(np.sum(token_byte_lengths(tokenizer)[targets] * weights))
+    byte_lengths = None if tokenizer is None else token_byte_lengths(tokenizer)
+    if byte_lengths is not None and targets.max() >= byte_lengths.size:
+        raise ValueError(f"token id {int(targets.max())} is beyond the tokenizer's {byte_lengths.size} tokens")
+    n_bytes = None if byte_lengths is None else int(np.sum(byte_lengths[targets] * weights))
     loss = nll / count
     return PerplexityResult(loss=loss, perplexity=math.exp(loss),
                             bits_per_byte=nll / math.log(2) / n_bytes if n_bytes else None,
@@ -135,7 +148,8 @@ def lambada_accuracy(model_or_cfg: RWKV | RWKVConfig, params: Params, tokenizer:
     The context is the text before its last space, the target the last word with that space.
     `prefix` (default: token 0 for a World tokenizer, as the official check; else none) goes
     before every context. Documents run `batch_size` at a time, each from the zero state;
-    `limit` scores only the first documents.
+    `limit` scores only the first documents. RWKV-1: every document must fit in ctx_len, else
+    ValueError naming its line.
     """
     cfg = model_or_cfg.cfg if isinstance(model_or_cfg, RWKV) else model_or_cfg
     if prefix is None:
@@ -150,6 +164,10 @@ def lambada_accuracy(model_or_cfg: RWKV | RWKVConfig, params: Params, tokenizer:
                 raise ValueError(f"{jsonl_path}:{number}: no space, so no last word to predict")
             context, word = text.rsplit(" ", 1)
             documents.append((list(prefix) + list(tokenizer.encode(context)), list(tokenizer.encode(" " + word))))
+            fed = len(documents[-1][0]) + len(documents[-1][1]) - 1  # the last target token is not fed
+            if cfg.version == 1 and fed > cfg.ctx_len:  # under jit RWKV-1 would give NaN past it, not raise
+                raise ValueError(f"{jsonl_path}:{number}: RWKV-1 is defined only for positions < ctx_len="
+                                 f"{cfg.ctx_len}, but this document feeds {fed} tokens")
             if limit is not None and len(documents) == limit:
                 break
     if not documents:
@@ -163,6 +181,8 @@ def lambada_accuracy(model_or_cfg: RWKV | RWKVConfig, params: Params, tokenizer:
         # Right padding to a multiple of 32 tokens (few compiled shapes) and a full batch: a
         # causal model's outputs at real positions never see the padding after them.
         length = -(-max(len(s) + len(t) for s, t in batch) // 32) * 32
+        if cfg.version == 1:  # padding past ctx_len would NaN the whole row
+            length = min(length, cfg.ctx_len)
         rows = np.zeros((batch_size, length + 1), np.int32)
         for row, (source, target) in enumerate(batch):
             rows[row, :len(source) + len(target)] = source + target
@@ -176,24 +196,29 @@ def lambada_accuracy(model_or_cfg: RWKV | RWKVConfig, params: Params, tokenizer:
                          documents=len(documents))
 
 
-def token_byte_lengths(tokenizer: Any) -> np.ndarray:
-    """`[V]` UTF-8 length of every token (0 for ids without text, like World's 0)."""
+def token_byte_lengths(tokenizer: Any) -> np.ndarray | None:
+    """`[V]` UTF-8 length of every token (0 for ids without text, like World's 0), from the
+    tokenizer's `token_bytes()` (every tokenizer in `rwkv_jax.tokenizers` and `rwkv_jax.train`
+    has it) or else its `decode_bytes`; None for a tokenizer with neither.
+
+    Not from `decode([i])`: a token decoded alone can lose a leading space (SentencePiece's "▁")
+    or, holding part of a character, become U+FFFD (three bytes for one).
+    """
     return _token_byte_lengths(tokenizer)
 
 
 @functools.lru_cache(maxsize=8)
-def _token_byte_lengths(tokenizer: Any) -> np.ndarray:
-    if hasattr(tokenizer, "token_bytes"):  # the training tokenizers know it
+def _token_byte_lengths(tokenizer: Any) -> np.ndarray | None:
+    if hasattr(tokenizer, "token_bytes"):
         return np.asarray(tokenizer.token_bytes(), np.int64)
+    if not hasattr(tokenizer, "decode_bytes"):
+        return None
     lengths = np.zeros(tokenizer.vocab_size, np.int64)
     for i in range(tokenizer.vocab_size):
-        if hasattr(tokenizer, "decode_bytes"):
-            try:
-                lengths[i] = len(tokenizer.decode_bytes([i]))
-            except ValueError:  # no bytes: World's 0 and unused ids
-                lengths[i] = 0
-        else:  # SentencePiece / HF: the piece's text alone (a leading-space marker may be dropped)
-            lengths[i] = len(tokenizer.decode([i]).encode("utf-8"))
+        try:
+            lengths[i] = len(tokenizer.decode_bytes([i]))
+        except ValueError:  # no bytes: World's 0 and unused ids
+            lengths[i] = 0
     return lengths
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.layers import layer_norm, linear, orthogonal
-from rwkv_jax.model import RWKV, Block
+from rwkv_jax.model import RWKV, Block, embedding_rows
 from rwkv_jax.state import State, init_state
 
 Array = jax.Array
@@ -111,7 +111,14 @@ def generate(model_or_cfg: RWKV | RWKVConfig, params: Params | DecodingParams, p
 
     The loop runs on device (`lax.while_loop` over the one-token step), ends when every row
     stopped, and compiles once per config, batch size, `max_new_tokens` and set of enabled samplers.
+    RWKV-1 is defined only for positions < ctx_len: every prompt and its `max_new_tokens` must
+    fit (all of them are fed), else ValueError before anything runs.
     """
+    cfg = _config(model_or_cfg)
+    _check_ids(cfg.vocab_size, prompts)  # before the room check, which needs well-formed prompts
+    _check_max_new_tokens(max_new_tokens)
+    _check_v1_room(cfg, state, [len(prompt) + max_new_tokens for prompt in prompts],
+                   f"the prompt and max_new_tokens={max_new_tokens}")
     logits, state = prefill(model_or_cfg, params, prompts, state=state, chunk=prefill_chunk)
     return decode(model_or_cfg, params, logits, state, max_new_tokens=max_new_tokens, key=key,
                   temperature=temperature, top_k=top_k, top_p=top_p, presence_penalty=presence_penalty,
@@ -125,11 +132,15 @@ def decode(model_or_cfg: RWKV | RWKVConfig, params: Params | DecodingParams, log
            penalty_exempt: Sequence[int] = (), stop_tokens: Sequence[int] = (), banned_tokens: Sequence[int] = ()
            ) -> GenerationResult:
     """The decoding half of `generate`: sample from `logits [B, V]` (the next-token logits at
-    `state`, as `prefill` returns them) and go on from `state`; sampler arguments as `generate`."""
+    `state`, as `prefill` returns them) and go on from `state`; sampler arguments as `generate`.
+    RWKV-1: `state`'s positions plus `max_new_tokens` must fit in ctx_len, else ValueError."""
     cfg = _config(model_or_cfg)
     sampler = _Sampler.create(cfg.vocab_size, key, temperature, top_k, top_p, presence_penalty, frequency_penalty,
                               penalty_decay, penalty_exempt, stop_tokens, banned_tokens)
     carry = _start(logits, state, max_new_tokens)
+    if max_new_tokens == 0:  # the loop body cannot even be traced on a zero-length token axis
+        return _result(carry)
+    _check_v1_room(cfg, state, [max_new_tokens] * logits.shape[0], f"max_new_tokens={max_new_tokens}")
     carry = _decode_jit(cfg, _for_step(cfg, params), carry, sampler.arrays, modes=sampler.modes, loop=True)
     return _result(carry)
 
@@ -150,6 +161,9 @@ def iter_generate(model_or_cfg: RWKV | RWKVConfig, params: Params | DecodingPara
     cfg = _config(model_or_cfg)
     sampler = _Sampler.create(cfg.vocab_size, key, temperature, top_k, top_p, presence_penalty, frequency_penalty,
                               penalty_decay, penalty_exempt, stop_tokens, banned_tokens)
+    _check_ids(cfg.vocab_size, [prompt])  # before the room check, which needs a well-formed prompt
+    _check_max_new_tokens(max_new_tokens)
+    _check_v1_room(cfg, state, [len(prompt) + max_new_tokens], f"the prompt and max_new_tokens={max_new_tokens}")
     logits, state = prefill(cfg, params, [prompt], state=state, chunk=prefill_chunk)
     return TokenStream(cfg, _for_step(cfg, params), _start(logits, state, max_new_tokens), sampler)
 
@@ -204,6 +218,7 @@ def prefill(model_or_cfg: RWKV | RWKVConfig, params: Params | DecodingParams, pr
     axes = _batch_axes(cfg)
     state = init_state(cfg, B) if state is None else state
     _check_state_shapes(cfg, state, B)
+    _check_v1_room(cfg, state, [len(prompt) for prompt in prompts], "the prompt")
 
     groups: dict[int, list[int]] = {}
     for row, prompt in enumerate(prompts):
@@ -475,7 +490,7 @@ def step_function(cfg: RWKVConfig, params_for_step: Any) -> StepFn:
 
     @nn.intercept_methods(_dense_from_out_in_kernel)  # reads the transposed kernels of batch-1 params
     def step(token: Array, state: State) -> tuple[Array, State]:
-        x = jnp.take(top["emb"]["embedding"], token[:, None], axis=0).astype(cfg.compute_dtype)
+        x = embedding_rows(top["emb"]["embedding"], token[:, None]).astype(cfg.compute_dtype)
         x = layer_norm(cfg, "ln0").apply({"params": top["ln0"]}, x)
         v_first = jnp.zeros_like(x) if cfg.version == 7 else jnp.zeros((), x.dtype)
         new_state = {name: [] for name in state}
@@ -498,9 +513,13 @@ def _forward_last(cfg: RWKVConfig, params: Params, tokens: Array, state: State) 
     return logits[:, -1], state
 
 
-def _start(logits: Array, state: State, max_new_tokens: int) -> _Carry:
+def _check_max_new_tokens(max_new_tokens: int) -> None:
     if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens}")
+
+
+def _start(logits: Array, state: State, max_new_tokens: int) -> _Carry:
+    _check_max_new_tokens(max_new_tokens)
     B, V = logits.shape
     return _Carry(t=jnp.zeros((), jnp.int32), tokens=jnp.full((B, max_new_tokens), PAD, jnp.int32),
                   done=jnp.zeros(B, jnp.bool_), state=state, logits=logits, seen=jnp.zeros((B, V), jnp.bool_),
@@ -550,6 +569,25 @@ def _check_state_shapes(cfg: RWKVConfig, state: State, batch_size: int) -> None:
         got = {k: tuple(v.shape) for k, v in state.items()}
         raise ValueError(f"state does not fit the RWKV-{cfg.version} config with batch {batch_size}: "
                          f"expected {({k: v.shape for k, v in expected.items()})}, got {got}")
+
+
+def _check_v1_room(cfg: RWKVConfig, state: State | None, new_tokens: Sequence[int], what: str) -> None:
+    """RWKV-1 is defined only for positions < ctx_len, and the jitted prefill and decoding loop
+    cannot raise there (its rows silently become NaN, and greedy decoding then emits token 0):
+    refuse up front when row b's next `new_tokens[b]` tokens, from `state["pos"][b]` (0 without
+    a state), would pass it. A state of the wrong batch is left to the shape check."""
+    if cfg.version != 1:
+        return
+    pos = np.zeros(len(new_tokens), np.int64) if state is None else state.get("pos")
+    if pos is None or isinstance(pos, jax.core.Tracer) or np.shape(pos) != (len(new_tokens),):
+        return
+    start = np.asarray(pos, np.int64)
+    last = start + np.asarray(new_tokens, np.int64) - 1
+    if np.any(last >= cfg.ctx_len):
+        row = int(np.argmax(last))
+        raise ValueError(f"RWKV-1 is defined only for positions < ctx_len={cfg.ctx_len}: {what} would reach position "
+                         f"{last[row]} (row {row} starts at position {start[row]}). Start from a fresh state, ask "
+                         "for fewer tokens or use a model with a larger ctx_len.")
 
 
 def _check_ids(vocab_size: int, id_lists: Sequence[Sequence[int]], allow_empty: bool = False) -> None:

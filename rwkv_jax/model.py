@@ -80,6 +80,8 @@ class RWKV(nn.Module):
         cfg = self.cfg
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+        if 0 in tokens.shape:
+            raise ValueError(f"tokens must hold at least one row of at least one token, got shape {tokens.shape}")
         if reset is not None:
             _check_reset(cfg, reset, tokens.shape)
             reset = reset.astype(bool)
@@ -100,7 +102,7 @@ class RWKV(nn.Module):
             emb_init = uniform(1e-4)
         emb = nn.Embed(V, C, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                        embedding_init=emb_init, name="tok_emb" if cfg.version == 1 else "emb")
-        x = emb(tokens)
+        x = embedding_rows(jnp.asarray(emb.embedding, cfg.compute_dtype), tokens)
         if context_seq_shards() > 1 and T > 1:
             # Context parallelism: every activation lives split over the mesh's "seq" axis, as the
             # recurrences take their tokens; the partitioner follows from here.
@@ -178,8 +180,18 @@ def _check_v1_positions(pos: Array, length: int, ctx_len: int) -> None:
                          f"{last}. Start a new sequence (init_state) or build the model with a larger ctx_len.")
 
 
+def embedding_rows(table: Array, tokens: Array) -> Array:
+    """The rows of `table [V, C]` at `tokens`, NaN for ids outside [0, V), negative ones too
+    (`take` would wrap those around to the last rows): under `jit` the ids cannot be checked
+    (`_check_token_range`), and a bad id must never read as a real token."""
+    V = table.shape[0]
+    ids = jnp.where((tokens >= 0) & (tokens < V), tokens, V)
+    return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+
 def _check_token_range(tokens: Array, vocab_size: int) -> None:
-    """Out-of-range ids would silently gather garbage; reject them when the values are known."""
+    """Out-of-range ids would silently gather garbage; reject them when the values are known
+    (under `jit` they are not: `embedding_rows` then gives their rows as NaN)."""
     if isinstance(tokens, jax.core.Tracer):
         return
     values = np.asarray(tokens)

@@ -106,6 +106,27 @@ def test_text_decoder_without_token_bytes_waits_for_whole_characters():
     assert pieces == ["", "é", "", "", "", "🙂", "x", ""]
 
 
+def test_text_decoder_reads_ids_without_text_as_replacement_characters_and_goes_on():
+    # A World model's head is 65536 wide but ids 65530..65535 have no bytes; the official PIPELINE
+    # decodes one to U+FFFD. A character it cuts short becomes U+FFFD too.
+    tokenizer = WorldTokenizer()
+    decoder = commands.TextDecoder(tokenizer)
+    first_byte_of_zhong = "中".encode()[0] + 1
+    pieces = [decoder.add(i) for i in tokenizer.encode("Hi") + [65533, first_byte_of_zhong, 65535]
+              + tokenizer.encode("ok")] + [decoder.finish()]
+    assert pieces == ["Hi", "\ufffd", "", "\ufffd\ufffd", "ok", ""]
+
+    class TextOnly:  # decode(ids) only, with fewer tokens than the model's head
+        vocab_size = 256
+
+        def decode(self, ids):
+            return ByteTokenizer().decode(ids)
+
+    decoder = commands.TextDecoder(TextOnly())
+    pieces = [decoder.add(i) for i in [ord("a"), 300, ord("b")]] + [decoder.finish()]
+    assert "".join(pieces) == "a\ufffdb"
+
+
 def test_stop_text_holds_back_only_possible_stop_prefixes():
     stopper = commands.StopText(["\n\n", "END"])
     assert [stopper.add(piece) for piece in ["ab\n", "c", "E", "N", "x\n"]] == ["ab", "\nc", "", "", "ENx"]

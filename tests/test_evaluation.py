@@ -13,7 +13,7 @@ import pytest
 
 import rwkv_jax as rj
 from rwkv_jax.evaluation import lambada_accuracy, perplexity
-from rwkv_jax.tokenizers import ByteTokenizer
+from rwkv_jax.tokenizers import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, train_sentencepiece
 
 TEXT = "Hello, world! ünï 世界 " * 2  # 48 bytes: three chunks of 16 tokens
 
@@ -68,6 +68,56 @@ def test_perplexity_with_a_prefix_and_parallel_streams():
     expected = np.concatenate([log_probs_by_steps(tokens[:half + 1]), log_probs_by_steps(tokens[half:])])
     assert split.tokens == len(tokens) - 1
     assert split.loss == pytest.approx(-np.mean(expected), rel=1e-5)
+
+
+CORPUS = "The quick brown fox jumps over the lazy dog, then naps in the sun.\n" * 40
+TEXTS = {"ascii": "The dog naps; the fox jumps over it twice.\n  Then  the sun sets.",
+         "accents and emoji": "The café’s naïve fox 🦊 jumps over 世界 🙂👍🏽, then naps."}
+
+
+@functools.cache
+def subword_tokenizer(kind: str, directory: str):
+    """Tiny tokenizers that cut characters outside their corpus into bytes: SentencePiece as
+    `rwkv-jax train` trains it (lossless), the same with SentencePiece's default dummy prefix
+    (a "▁" before the text, dropped again by decode), or a byte-level BPE like GPT-NeoX's."""
+    corpus = f"{directory}/corpus.txt"
+    with open(corpus, "w", encoding="utf-8") as f:
+        f.write(CORPUS)
+    if kind.startswith("sentencepiece"):
+        return SentencePieceTokenizer(train_sentencepiece(
+            [corpus], 300, f"{directory}/sp", model_type="bpe", byte_fallback=True, character_coverage=1.0,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            add_dummy_prefix=kind.endswith("dummy prefix"), minloglevel=2))
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tokenizers.decoders.ByteLevel()
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    hf.train_from_iterator([CORPUS], tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                                    initial_alphabet=alphabet))
+    hf.save(f"{directory}/hf.json")
+    return HFTokenizer(f"{directory}/hf.json")
+
+
+@pytest.mark.parametrize("kind,name", [("sentencepiece", "accents and emoji"),
+                                       ("sentencepiece, dummy prefix", "ascii"),
+                                       ("sentencepiece, dummy prefix", "accents and emoji"),
+                                       ("hf", "accents and emoji")])
+def test_bits_per_byte_counts_every_byte_of_the_text_with_subword_tokenizers(kind, name, tmp_path_factory):
+    tokenizer = subword_tokenizer(kind, str(tmp_path_factory.mktemp("tokenizer")))
+    cfg = rj.RWKVConfig(version=7, n_layer=1, n_embd=32, head_size=16, vocab_size=tokenizer.vocab_size)
+    params = jax.jit(rj.RWKV(cfg).init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    text = TEXTS[name]
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    # Without a prefix the first token only starts the sequence: every byte after its text is scored.
+    scored = perplexity(cfg, params, text=text, tokenizer=tokenizer, chunk=32)
+    assert scored.tokens == len(ids) - 1
+    assert scored.bytes == len(text.encode("utf-8")) - len(tokenizer.decode(ids[:1]).encode("utf-8"))
+    assert scored.bits_per_byte == pytest.approx(scored.loss * scored.tokens / math.log(2) / scored.bytes, rel=1e-6)
+    # With one every token is: the whole text (and the dummy prefix's space, a byte the model predicts).
+    whole = perplexity(cfg, params, text=text, tokenizer=tokenizer, prefix=[ids[0]], chunk=32)
+    assert whole.bytes == len(text.encode("utf-8")) + kind.endswith("dummy prefix")
 
 
 class CharTokenizer:

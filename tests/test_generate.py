@@ -187,6 +187,18 @@ def test_a_stream_stopped_early_continues_from_its_result_state():
     assert_states_close(early.state, state)
 
 
+def test_zero_new_tokens_return_the_prompts_logits_and_state():
+    cfg, params = tiny(7)
+    logits, state = prefill(cfg, params, PROMPTS[:2])
+    out = generate(cfg, params, PROMPTS[:2], max_new_tokens=0, temperature=0)
+    assert out.tokens == [[], []] and out.stopped == [False, False]
+    np.testing.assert_array_equal(out.logits, logits)
+    for name in state:
+        np.testing.assert_array_equal(out.state[name], state[name], err_msg=name)
+    assert gen.decode(cfg, params, logits, state, max_new_tokens=0, key=jax.random.key(0)).tokens == [[], []]
+    assert list(iter_generate(cfg, params, PROMPTS[0], max_new_tokens=0, temperature=0)) == []
+
+
 def test_generate_rejects_bad_prompts_and_sampling_without_a_key():
     cfg, params = tiny(7)
     with pytest.raises(ValueError, match="at least one token"):

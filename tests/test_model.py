@@ -144,3 +144,52 @@ def test_config_defaults_and_validation():
         rj.RWKVConfig(version=2, n_layer=1, n_embd=64, vocab_size=10, wkv="pallas")  # no v2 kernel
     with pytest.raises(ValueError, match="multiple of head_size"):
         rj.RWKVConfig(version=5, n_layer=1, n_embd=96, vocab_size=10)
+    # A zero-width LoRA adds nothing: a valid (if odd) model.
+    assert rj.RWKVConfig(version=7, n_layer=1, n_embd=64, vocab_size=10, d_w=0).d_w == 0
+    assert rj.RWKVConfig(version=6, n_layer=1, n_embd=64, vocab_size=10, d_mix=0).d_mix == 0
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 3)])
+def test_an_empty_batch_or_sequence_is_refused_clearly(shape):
+    cfg = make_cfg(7, 64, 16)
+    with pytest.raises(ValueError, match=r"at least one row of at least one token, got shape \(\d, \d\)"):
+        rj.RWKV(cfg).apply({"params": params_for(7, 64, 16)}, jnp.zeros(shape, jnp.int32))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("dim_att", 0, "dim_att must be a positive int"), ("dim_att", 2.5, "dim_att must be a positive int"),
+    ("dim_ffn", -4, "dim_ffn must be a positive int"), ("dim_ffn", 0, "dim_ffn must be a positive int"),
+    ("chunk_size", 2.5, "chunk_size must be a positive int"), ("chunk_size", "32", "chunk_size must be a positive int"),
+    ("d_mix", -1, "d_mix must be a non-negative int"), ("d_w", 1.5, "d_w must be a non-negative int"),
+    ("head_size", True, "head_size must be a positive int"),
+])
+def test_config_rejects_sizes_that_are_not_positive_ints_and_lora_widths_below_zero(field, value, message):
+    version = 6 if field == "d_mix" else 7 if field == "d_w" else 5
+    with pytest.raises(ValueError, match=message):
+        rj.RWKVConfig(**{"version": version, "n_layer": 1, "n_embd": 64, "vocab_size": 10, "head_size": 16,
+                         field: value})
+
+
+def test_out_of_range_ids_under_jit_embed_as_nan_never_as_a_real_token():
+    from rwkv_jax.generation import step_function, step_params
+
+    cfg = make_cfg(7, 64, 16)
+    params = params_for(7, 64, 16)
+    state = rj.init_state(cfg, 4)
+    ids = jnp.asarray([-1, 61, -61, 60], jnp.int32)  # -1 and -61 would wrap to rows 60 and 0
+    # The model under jit (outside it the ids are checked) and the layer-by-layer decoding step.
+    logits, _ = forward_fn(cfg)(params, ids[:, None], state)
+    stepped, _ = jax.jit(step_function(cfg, step_params(cfg, params)))(ids, state)
+    for out in (logits[:, 0], stepped):
+        assert bool(jnp.all(jnp.isnan(out[:3]))) and bool(jnp.all(jnp.isfinite(out[3])))
+
+
+def test_pallas_model_decodes_a_single_token_with_a_reset_mask():
+    # One token takes the decoding step in every implementation, and the step supports resets.
+    params = params_for(7, 64, 16)
+    tokens, reset = jnp.asarray([[3], [4]], jnp.int32), jnp.asarray([[True], [False]])
+    state = jax.tree_util.tree_map(lambda s: s + 0.5, rj.init_state(make_cfg(7, 64, 16), 2))
+    outputs = {wkv: rj.RWKV(make_cfg(7, 64, 16, wkv)).apply({"params": params}, tokens, state, reset)
+               for wkv in ("pallas", "parallel")}
+    assert rel_err(outputs["pallas"][0], outputs["parallel"][0]) == 0.0
+    assert_states_close(outputs["pallas"][1], outputs["parallel"][1], tol=0.0)

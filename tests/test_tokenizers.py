@@ -145,18 +145,25 @@ def test_sentencepiece_wrapper_trains_encodes_and_decodes(tmp_path):
     assert tokenizer.decode(ids) == "the cat sat on the mat 42"
 
 
-def test_hf_tokenizer_matches_the_official_pipeline(tmp_path):
+def tiny_byte_level_bpe(path):
+    """A tiny byte-level BPE in the format of the GPT-NeoX 20B file (the real one is not shipped),
+    with its special tokens and, as that file, added whitespace tokens; returns the `tokenizers` object."""
     tokenizers = pytest.importorskip("tokenizers")
-    official_utils = pytest.importorskip("rwkv.utils")
-    # A tiny byte-level BPE in the format of the GPT-NeoX 20B file (the real one is not shipped).
     hf = tokenizers.Tokenizer(tokenizers.models.BPE())
     hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
                                              initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator([CORPORA["english"], CORPORA["code"], CORPORA["chinese"]], trainer)
-    path = tmp_path / "tiny_tokenizer.json"
+    hf.add_tokens(["  ", "\t\t"])
     hf.save(str(path))
+    return hf
+
+
+def test_hf_tokenizer_matches_the_official_pipeline(tmp_path):
+    official_utils = pytest.importorskip("rwkv.utils")
+    path = tmp_path / "tiny_tokenizer.json"
+    hf = tiny_byte_level_bpe(path)
 
     tokenizer, pipeline = HFTokenizer(path), official_utils.PIPELINE(None, str(path))
     assert tokenizer.vocab_size == hf.get_vocab_size(with_added_tokens=True)
@@ -165,3 +172,58 @@ def test_hf_tokenizer_matches_the_official_pipeline(tmp_path):
         assert ids == pipeline.encode(text)
         assert tokenizer.decode(ids) == pipeline.decode(ids)
     assert tokenizer.decode(tokenizer.encode(CORPORA["english"])) == CORPORA["english"]
+
+
+# ------------------------------------------------------------------- token_bytes, for bits per byte
+
+
+@pytest.mark.parametrize("name", sorted(CORPORA))
+def test_world_and_byte_token_bytes_add_up_to_the_text(name):
+    text = CORPORA[name]
+    for tokenizer in (ours(), ByteTokenizer()):
+        assert int(tokenizer.token_bytes()[tokenizer.encode(text)].sum()) == len(text.encode("utf-8"))
+    assert ours().token_bytes()[0] == 0 and not ours().token_bytes()[65530:].any()  # no bytes
+
+
+def test_sentencepiece_token_bytes_count_spaces_and_byte_pieces_and_nothing_for_control_pieces(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPORA["english"] * 20 + CORPORA["code"] * 20, encoding="utf-8")
+    # Lossless (as `rwkv-jax train`'s): what the tokens stand for is exactly the text.
+    tokenizer = SentencePieceTokenizer(train_sentencepiece(
+        [corpus], 400, tmp_path / "sp", model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False, minloglevel=2))
+    sizes, pieces = tokenizer.token_bytes(), [tokenizer._sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+    assert sizes[pieces.index("<unk>")] == sizes[pieces.index("<s>")] == 0 and sizes[pieces.index("<0xF0>")] == 1
+    for text in (CORPORA["english"], " leading  spaces\n", CORPORA["emoji"], CORPORA["mixed scripts"]):
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text
+        assert int(sizes[ids].sum()) == len(text.encode("utf-8")), text
+
+
+def test_hf_token_bytes_count_the_byte_level_alphabet_and_nothing_for_special_tokens(tmp_path):
+    hf = tiny_byte_level_bpe(tmp_path / "tiny_tokenizer.json")
+    tokenizer = HFTokenizer(tmp_path / "tiny_tokenizer.json")
+    sizes = tokenizer.token_bytes()
+    assert sizes[hf.token_to_id("<|endoftext|>")] == 0 and sizes[hf.token_to_id("  ")] == 2
+    for name in ("english", "emoji", "mixed scripts", "whitespace", "code"):  # emoji: pieces of characters
+        ids = tokenizer.encode(CORPORA[name])
+        assert int(sizes[ids].sum()) == len(CORPORA[name].encode("utf-8")), name
+
+
+def test_hf_token_bytes_of_a_sentencepiece_style_vocabulary_count_the_space_marker(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    sp_style = tokenizers.SentencePieceBPETokenizer()  # Metaspace: "▁" for spaces, one before the text
+    sp_style.train_from_iterator([CORPORA["english"]], vocab_size=100)
+    sp_style.save(str(tmp_path / "sp_style.json"))
+    tokenizer = HFTokenizer(tmp_path / "sp_style.json")
+    text = "the lazy dog jumps over the fox"
+    assert int(tokenizer.token_bytes()[tokenizer.encode(text)].sum()) == len(text) + 1
+
+
+def test_hf_token_bytes_refuse_decoders_whose_bytes_depend_on_the_neighbours(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    word_piece = tokenizers.BertWordPieceTokenizer()  # "##" joins a piece to the previous one
+    word_piece.train_from_iterator([CORPORA["english"]], vocab_size=100)
+    word_piece.save(str(tmp_path / "word_piece.json"))
+    with pytest.raises(ValueError, match=r"decoder\(s\) \['WordPiece'\]"):
+        HFTokenizer(tmp_path / "word_piece.json").token_bytes()

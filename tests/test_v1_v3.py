@@ -16,6 +16,7 @@ import pytest
 
 import rwkv_jax as rj
 from helpers import forward_fn, random_params, random_tokens, rel_err, step_fn
+from rwkv_jax.generation import decode, prefill
 from rwkv_jax.io.official import CheckpointError, expected_official_shapes, params_from_official
 
 TOL = 1e-5
@@ -347,6 +348,59 @@ def test_v1_past_ctx_len_raises_or_is_nan_under_jit():
     assert bool(jnp.all(jnp.isfinite(logits[0]))) and bool(jnp.all(jnp.isnan(logits[1])))
     logits, _ = forward_fn(cfg)(params["params"], tokens[:, :2], {**state, "pos": jnp.array([14, 15], jnp.int32)})
     assert bool(jnp.all(jnp.isfinite(logits[0]))) and bool(jnp.all(jnp.isnan(logits[1])))
+
+
+def test_v1_generation_refuses_up_front_to_pass_ctx_len():
+    """The jitted prefill and decoding loop cannot raise at position ctx_len (they would return NaN
+    and emit token 0): the prompt and every new token, all of them fed, must fit in ctx_len."""
+    cfg = make_cfg(1)  # ctx_len 16
+    params = params_for(cfg)
+    prompt = list(range(1, 11))
+    fits = rj.generate(cfg, params, [prompt], max_new_tokens=6, temperature=0)  # positions 0..15
+    assert len(fits.tokens[0]) == 6 and bool(jnp.all(jnp.isfinite(fits.logits)))
+    with pytest.raises(ValueError, match=r"ctx_len=16: the prompt and max_new_tokens=7 would reach position 16"):
+        rj.generate(cfg, params, [prompt[:3], prompt], max_new_tokens=7, temperature=0)
+    with pytest.raises(ValueError, match="would reach position 16"):
+        rj.iter_generate(cfg, params, prompt, max_new_tokens=7, temperature=0)
+    logits, state = prefill(cfg, params, [prompt])
+    with pytest.raises(ValueError, match=r"max_new_tokens=7 would reach position 16 \(row 0 starts at position 10\)"):
+        decode(cfg, params, logits, state, max_new_tokens=7, temperature=0)
+    with pytest.raises(ValueError, match=r"the prompt would reach position 19"):
+        prefill(cfg, params, [prompt], state=state)
+
+
+class LetterTokenizer:
+    """" " is 0, "a".."z" are 1..26, and each id stands for one byte."""
+
+    vocab_size = 27
+
+    def encode(self, text: str) -> list[int]:
+        return [0 if c == " " else ord(c) - ord("a") + 1 for c in text]
+
+    def token_bytes(self) -> np.ndarray:
+        return np.ones(self.vocab_size, np.int64)
+
+
+def test_v1_scoring_fits_in_ctx_len_or_refuses_it(tmp_path):
+    from rwkv_jax.evaluation import lambada_accuracy, perplexity
+
+    cfg = make_cfg(1)  # ctx_len 16
+    params = params_for(cfg)
+    # 17 tokens feed 16 (the last is only a target); chunks of 5 must not pad past position 15.
+    text = "the cat sat on it"
+    scored = perplexity(cfg, params, text=text, tokenizer=LetterTokenizer(), chunk=5)
+    assert scored.tokens == 16 and math.isfinite(scored.loss) and scored.bytes == 16
+    with pytest.raises(ValueError, match=r"ctx_len=16, but scoring 18 tokens feeds 17 per stream.*batch_size >= 2"):
+        perplexity(cfg, params, text=text + "s", tokenizer=LetterTokenizer())
+    assert math.isfinite(perplexity(cfg, params, text=text + "s", tokenizer=LetterTokenizer(), batch_size=2).loss)
+
+    # LAMBADA pads every document to 32 tokens, past v1's ctx_len: not for RWKV-1.
+    path = tmp_path / "lambada.jsonl"
+    path.write_text('{"text": "the cat sat on it"}\n{"text": "a dog ran"}\n')
+    assert math.isfinite(lambada_accuracy(cfg, params, LetterTokenizer(), path).perplexity)
+    path.write_text('{"text": "a dog ran"}\n{"text": "the cat sat on its"}\n')
+    with pytest.raises(ValueError, match=r"lambada.jsonl:2: RWKV-1 .* ctx_len=16, but this document feeds 17 tokens"):
+        lambada_accuracy(cfg, params, LetterTokenizer(), path)
 
 
 # ----------------------------------------------------------------------------- official init

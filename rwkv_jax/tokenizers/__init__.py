@@ -5,11 +5,15 @@
 - `HFTokenizer`: a HuggingFace `tokenizers` JSON, e.g. the GPT-NeoX `20B_tokenizer.json` of the
   RWKV-4 Pile models (needs the optional `tokenizers` package);
 - `SentencePieceTokenizer` (and `train_sentencepiece`), `ByteTokenizer` (ids 0..255 = bytes).
+
+Each also has `token_bytes()`: how many bytes of text every id stands for, which bits per byte
+divides by (`rwkv_jax.evaluation.perplexity`).
 """
 
 from typing import Protocol
 
-from rwkv_jax.tokenizers.other import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, train_sentencepiece
+from rwkv_jax.tokenizers.other import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, sentencepiece_token_bytes,
+                                      train_sentencepiece)
 from rwkv_jax.tokenizers.world import WorldTokenizer
 
 
@@ -24,4 +28,4 @@ class Tokenizer(Protocol):
 
 
 __all__ = ["Tokenizer", "WorldTokenizer", "HFTokenizer", "SentencePieceTokenizer", "ByteTokenizer",
-           "train_sentencepiece"]
+           "sentencepiece_token_bytes", "train_sentencepiece"]

@@ -25,6 +25,8 @@ import os
 import re
 from typing import Iterable, Sequence
 
+import numpy as np
+
 VOCAB_FILE = "rwkv_vocab_v20230424.txt"
 
 
@@ -81,6 +83,13 @@ class WorldTokenizer:
             return self.decode_bytes(ids).decode("utf-8")
         except ValueError:  # UnicodeDecodeError is a ValueError
             return "\ufffd"
+
+    def token_bytes(self) -> np.ndarray:
+        """`[vocab_size]` bytes of each token, for bits per byte (0 for ids without bytes: 0, 65530..)."""
+        sizes = np.zeros(self.vocab_size, np.int64)
+        for idx, token in self._id_to_bytes.items():
+            sizes[idx] = len(token)
+        return sizes
 
 
 @functools.cache

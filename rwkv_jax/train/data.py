@@ -27,6 +27,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from rwkv_jax.tokenizers import sentencepiece_token_bytes
 from rwkv_jax.train.config import BUILTIN_CORPUS, ConfigError
 
 CHUNK = 1 << 24   # bytes of text or of tokens handled at once
@@ -92,10 +93,7 @@ class WorldTokens:
         return self.world.decode_bytes([int(t) for t in tokens if t != self.world.eod_id]).decode("utf-8", "replace")
 
     def token_bytes(self) -> np.ndarray:
-        sizes = np.zeros(self.vocab_size, np.int64)
-        for token_id, data in self.world._id_to_bytes.items():
-            sizes[token_id] = len(data)
-        return sizes
+        return self.world.token_bytes()
 
 
 class SentencePieceTokenizer:
@@ -115,16 +113,7 @@ class SentencePieceTokenizer:
         return self.sp.decode([int(t) for t in tokens])
 
     def token_bytes(self) -> np.ndarray:
-        # "▁" stands for a space; byte-fallback pieces "<0xNN>" are one byte; control pieces none.
-        sizes = []
-        for i in range(self.vocab_size):
-            if self.sp.is_control(i) or self.sp.is_unknown(i):
-                sizes.append(0)
-            elif self.sp.is_byte(i):
-                sizes.append(1)
-            else:
-                sizes.append(len(self.sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8")))
-        return np.asarray(sizes, np.int64)
+        return sentencepiece_token_bytes(self.sp)
 
 
 def train_sentencepiece(text_path: str | os.PathLike, model_prefix: str | os.PathLike, vocab_size: int,

@@ -54,14 +54,14 @@ def run_wkv(forms: WKVForms, impl: str, per_token: tuple[Array, ...], rest: tupl
     `jax.set_mesh` a kernel runs per batch shard, and a mesh axis "seq" splits the tokens over
     its devices (context parallelism, any form): see `rwkv_jax.wkv.mesh`.
     """
+    if per_token[0].shape[1] == 1:  # every implementation decodes with the step, which takes resets
+        step_reset = {} if reset is None else {"reset": reset[:, 0]}
+        y, state = forms.step(*(x[:, 0] for x in per_token), *rest, **step_reset)
+        return y[:, None], state
     if reset is not None and impl not in ("oracle", "parallel"):
         raise ValueError(f"the {impl!r} WKV implementation does not support document resets; "
                          "use wkv='parallel' or 'oracle'")
     with_reset = {} if reset is None else {"reset": reset}
-    if per_token[0].shape[1] == 1:
-        step_reset = {} if reset is None else {"reset": reset[:, 0]}
-        y, state = forms.step(*(x[:, 0] for x in per_token), *rest, **step_reset)
-        return y[:, None], state
     if impl == "oracle":
         form = forms.oracle
     elif impl == "parallel":
