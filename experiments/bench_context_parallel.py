@@ -11,6 +11,12 @@ plus arguments and outputs, from `compiled.memory_analysis()`), its ratio to D =
 step time. On a CPU the devices are virtual (`--xla_force_host_platform_device_count`) and share
 the machine's cores, so the times only say what the split costs in extra work; the memory is
 per device and is what context parallelism is for.
+
+A second table measures what context parallelism adds to each device's work, on one device
+without a mesh: the gradient of the WKV form alone on the T/D tokens of one shard (B=1, H = embd /
+head size), against the shard's summary (`rwkv_jax.wkv.{vector,diag,dplr}.wkv*_transition`) plus
+the form from the state it gives, which is what each device computes (less the all-gather and the
+O(D) state compositions). The ratio is the overhead over a perfect 1/D split.
 """
 
 from __future__ import annotations
@@ -82,6 +88,48 @@ def main() -> None:
             baseline = baseline or (megabytes, seconds)
             print(f"| v{version} | {shards} | {args.ctx // shards} | {megabytes:.1f} | {megabytes / baseline[0]:.2f}x "
                   f"| {seconds:.3f} | {seconds / baseline[1]:.2f}x |", flush=True)
+    print_shard_overhead(args)
+
+
+def summary_then_form(form, transition, count: int):
+    """What one device computes under context parallelism, as a WKV form: the shard's summary, the
+    start state it leads to from the given state (in place of the gathered summaries), the form."""
+
+    def run(*inputs):
+        per_token, (*params, state) = inputs[:count], inputs[count:]
+        start = transition.apply(*transition.summarize(per_token, params, None), state)
+        return form(*per_token, *params, start)
+
+    return run
+
+
+def print_shard_overhead(args: argparse.Namespace) -> None:
+    """The second table: per shard, fwd+bwd of the form alone vs the summary plus the form."""
+    import jax
+    from bench_wkv import FORMS, make_inputs, time_form
+
+    from rwkv_jax.versions.v4 import WKV4
+    from rwkv_jax.versions.v5 import WKV_DIAG
+    from rwkv_jax.versions.v7 import WKV7
+
+    transitions = {4: WKV4.shard_transition, 5: WKV_DIAG.shard_transition, 6: WKV_DIAG.shard_transition,
+                   7: WKV7.shard_transition}
+    heads = args.embd // args.head_size
+    print(f"\nper-device WKV work of one shard, fwd+bwd, B=1 H={heads} N={args.head_size} fp32, median of "
+          f"{args.steps} (ms)")
+    print("| ver | tokens/device | form alone | summary + form | overhead |")
+    print("|---|---|---|---|---|")
+    for version in args.versions:
+        form, transition = FORMS[version][1], transitions[version]
+        for shards in args.seq[1:]:
+            tokens = args.ctx // shards
+            per_token, rest = make_inputs(version, 1, tokens, heads, args.head_size, "float32", jax.random.PRNGKey(0))
+
+            alone = time_form(form, per_token, rest, args.steps)[1]
+            with_summary = time_form(summary_then_form(form, transition, len(per_token)), per_token, rest,
+                                     args.steps)[1]
+            print(f"| v{version} | {tokens} | {alone:.1f} | {with_summary:.1f} | {with_summary / alone:.2f}x |",
+                  flush=True)
 
 
 if __name__ == "__main__":

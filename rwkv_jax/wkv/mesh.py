@@ -25,8 +25,9 @@ decay; RWKV-7: an N×N matrix). Each device
 3. runs the WKV form from its start state for its outputs y.
 
 The WKV form is whichever one the model chose (oracle, parallel or a Pallas kernel), unchanged,
-and runs once per device over T/D tokens; the summary adds about a third of a parallel-form pass
-for v4-v6 and two thirds for v7, plus O(D) state compositions. Gradients flow through
+and runs once per device over T/D tokens; with the parallel form, the summary made each device's
+fwd+bwd 1.3-1.4x the form's alone for v7 and 0.9-1.7x for v4-v6 on a CPU (noisy;
+`experiments/bench_context_parallel.py`), plus O(D) state compositions. Gradients flow through
 `jax.shard_map` and the all-gather (whose transpose is a reduce-scatter) into every input,
 including the initial state. RWKV-7's summary assumes the model's decay bound (see
 `wkv7_parallel`), whichever form runs.
