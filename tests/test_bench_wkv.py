@@ -47,7 +47,12 @@ def test_bench_kernels_smoke_prints_every_form_with_small_errors():
 
 def test_bench_context_parallel_smoke_prints_a_row_per_split_with_less_memory_per_device():
     stdout = _run("bench_context_parallel.py", "--smoke")
-    rows = [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith("| v7")]
+    memory_table, work_table = stdout.split("per-device WKV work")
+    rows = [line.split("|")[1:-1] for line in memory_table.splitlines() if line.startswith("| v7")]
     assert [int(row[1]) for row in rows] == [1, 2, 4]
+    # The second table: one shard's form alone and with its summary, at 64/2 and 64/4 tokens.
+    work = [line.split("|")[1:-1] for line in work_table.splitlines() if line.startswith("| v7")]
+    assert [int(row[1]) for row in work] == [32, 16]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in work)
     megabytes = [float(row[3]) for row in rows]
     assert megabytes[0] > megabytes[1] > megabytes[2]
